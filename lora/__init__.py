@@ -1,0 +1,17 @@
+"""A from-scratch LoRA library for Llama-family models, with its own fused kernels.
+
+    y = x Wᵀ + b + scaling · (dropout(x) Aᵀ) Bᵀ,   scaling = lora_alpha / r
+"""
+from .adapter import load_adapter, save_adapter
+from .backend import get_backend, set_backend
+from .config import LLAMA_TARGETS, LoRAConfig
+from .errors import LoRAError
+from .inject import apply_lora, disable_adapter, lora_layers, merge_lora, trainable_parameters
+from .layer import LoRALinear
+
+__all__ = [
+    "LoRAConfig", "LoRALinear", "LoRAError", "LLAMA_TARGETS", "apply_lora", "merge_lora",
+    "disable_adapter", "lora_layers", "trainable_parameters", "save_adapter", "load_adapter",
+    "set_backend", "get_backend",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,143 @@
+"""Find the target projections of a model and swap them for `LoRALinear`, in place.
+
+Matching follows PEFT, so an adapter_config.json means the same module set here and there:
+- a list: a module matches when its full name equals an entry or ends with "." + entry;
+- a string: a regex that must match the full module name; "all-linear": every nn.Linear except
+  the output head;
+- layers_to_transform: only modules under ".<layers_pattern>.<i>." with i in the list.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+
+import torch.nn as nn
+
+from .config import LoRAConfig
+from .errors import LoRAError
+from .layer import LoRALinear
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """{module name: LoRALinear} in model order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def _output_head_names(model: nn.Module) -> set[str]:
+    heads = {"lm_head"}
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is not None:
+        heads |= {name for name, m in model.named_modules() if m is head}
+    return heads
+
+
+def _layer_index(name: str, layers_pattern) -> int | None:
+    if not layers_pattern:
+        m = re.match(r".*?\.[^.]*\.(\d+)\.", name)
+    else:
+        pats = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+        m = next((mm for p in pats if (mm := re.match(rf"(?:^|.*?\.){p}\.(\d+)\.", name))), None)
+    return int(m.group(1)) if m else None
+
+
+def _matches(name: str, target, linear_heads: set[str]) -> bool:
+    if target == "all-linear":
+        return name not in linear_heads and name.split(".")[-1] not in linear_heads
+    if isinstance(target, str):
+        return re.fullmatch(target, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target)
+
+
+def _excluded(name: str, exclude) -> bool:
+    if not exclude:
+        return False
+    if isinstance(exclude, str):
+        return re.fullmatch(exclude, name) is not None
+    return any(name == t or name.endswith("." + t) for t in exclude)
+
+
+def select_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
+    """Names of the nn.Linear modules `config` adapts; a one-line error if a target matches nothing."""
+    heads = _output_head_names(model)
+    modules = dict(model.named_modules())
+    linears = [n for n, m in modules.items() if isinstance(m, nn.Linear) and not isinstance(m, LoRALinear)]
+    candidates = sorted({n.split(".")[-1] for n in linears})
+    targets = config.target_modules
+    # Each listed name must match something (a typo should not silently train nothing).
+    if isinstance(targets, list):
+        for t in targets:
+            hits = [n for n in modules if n and (n == t or n.endswith("." + t))]
+            if not hits:
+                raise LoRAError(f"target module {t!r} matches no module; candidates: {', '.join(candidates)}")
+            if not any(isinstance(modules[n], nn.Linear) for n in hits):
+                raise LoRAError(f"target module {t!r} matches {hits[0]} ({type(modules[hits[0]]).__name__}), "
+                                f"which is not an nn.Linear; candidates: {', '.join(candidates)}")
+    chosen = []
+    for name in linears:
+        if not _matches(name, targets, heads) or _excluded(name, config.exclude_modules):
+            continue
+        if config.layers_to_transform is not None:
+            if _layer_index(name, config.layers_pattern) not in config.layers_to_transform:
+                continue
+        chosen.append(name)
+    if not chosen:
+        raise LoRAError(f"target_modules {targets!r} (layers {config.layers_to_transform}) match no "
+                        f"nn.Linear; candidates: {', '.join(candidates)}")
+    return chosen
+
+
+def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
+    """Replace the matching nn.Linear modules by LoRALinear in place; freeze everything else."""
+    if lora_layers(model):
+        raise LoRAError("model already has LoRA layers; apply_lora once per model")
+    chosen = set(select_targets(model, config))
+
+    def walk(module: nn.Module, prefix: str) -> None:
+        for child_name, child in module.named_children():
+            name = f"{prefix}{child_name}"
+            if name in chosen:
+                setattr(module, child_name, LoRALinear(
+                    child, r=config.rank_for(name), alpha=config.alpha_for(name),
+                    dropout=config.lora_dropout, use_rslora=config.use_rslora,
+                    init_lora_weights=config.init_lora_weights))
+            else:
+                walk(child, name + ".")
+
+    walk(model, "")
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.endswith(".lora_A") or name.endswith(".lora_B"))
+    model.lora_config = config
+    return model
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight and put plain nn.Linear modules back."""
+    def walk(module: nn.Module) -> None:
+        for child_name, child in module.named_children():
+            if isinstance(child, LoRALinear):
+                child.merge()
+                setattr(module, child_name, child.to_linear())
+            else:
+                walk(child)
+    walk(model)
+    if hasattr(model, "lora_config"):
+        del model.lora_config
+    return model
+
+
+@contextlib.contextmanager
+def disable_adapter(model: nn.Module):
+    """Inside the block the model computes the plain base (every LoRALinear skips its update)."""
+    layers = list(lora_layers(model).values())
+    with contextlib.ExitStack() as stack:
+        for layer in layers:
+            stack.enter_context(layer.disable_adapter())
+        yield model
+
+
+def trainable_parameters(model: nn.Module) -> str:
+    """PEFT's report: 'trainable params: 4,194,304 || all params: 6,742,609,920 || trainable%: 0.0622'."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"

@@ -1,0 +1,108 @@
+"""`LoRALinear`: a frozen `nn.Linear` plus a trainable low-rank update.
+
+    y = x Wᵀ + b + scaling · (dropout(x) Aᵀ) Bᵀ
+
+    x: (..., in)   W: (out, in) frozen   b: (out,) frozen   A = lora_A: (r, in)   B = lora_B: (out, r)
+    scaling = alpha / r   (rsLoRA: alpha / sqrt(r))
+
+B·A (out × in) is never built in the forward: the shrink (x Aᵀ, r columns) and the expand cost
+O(M·r·(in+out)) instead of O(out·in·r) + another GEMM. `merge()` folds the update into W
+(fp32 sum, one rounding) for inference; `unmerge()` subtracts it again.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import backend
+
+
+class LoRALinear(nn.Module):
+    """A wrapped `nn.Linear`: keeps its `weight`/`bias` (so checkpoint keys are unchanged), adds
+    `lora_A` (r × in), `lora_B` (out × r) and `scaling`."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
+                 use_rslora: bool = False, init_lora_weights: bool | str = True,
+                 lora_dtype: torch.dtype | None = None):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight                                  # (out, in), frozen
+        self.bias = base.bias                                      # (out,) or None, frozen
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.r, self.alpha, self.lora_dropout = r, alpha, dropout
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        # Adapter weights in fp32 by default (as PEFT does), whatever the base dtype.
+        dtype = lora_dtype or (torch.float32 if base.weight.is_floating_point() else base.weight.dtype)
+        device = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=dtype, device=device))   # (r, in)
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, dtype=dtype, device=device))  # (out, r)
+        self.merged = False
+        self.disabled = False
+        self.reset_lora_parameters(init_lora_weights)
+
+    @torch.no_grad()
+    def reset_lora_parameters(self, init: bool | str = True) -> None:
+        if init is True:          # the original paper's code and PEFT: kaiming-uniform A, zero B
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
+        elif init == "gaussian":  # PEFT's "gaussian": A ~ N(0, 1/r), zero B
+            nn.init.normal_(self.lora_A, std=1.0 / self.r)
+            nn.init.zeros_(self.lora_B)
+        elif init is False:       # both random: the adapter is not a no-op (useful in tests)
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
+        else:
+            raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init!r}")
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.lora_dropout}, merged={self.merged}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged or self.disabled:
+            return F.linear(x, self.weight, self.bias)
+        p = self.lora_dropout if self.training else 0.0
+        return backend.lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, p)
+
+    # -- merge / unmerge --------------------------------------------------------------------
+    def delta_weight(self) -> torch.Tensor:
+        """scaling · B A in fp32, (out, in)."""
+        return (self.lora_B.detach().float() @ self.lora_A.detach().float()) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W ← round(fp32(W) + scaling · B A). Idempotent."""
+        if not self.merged:
+            self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """W ← round(fp32(W) − scaling · B A). Idempotent; exact only up to the weight dtype's rounding."""
+        if self.merged:
+            self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
+            self.merged = False
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Run the plain base layer inside the block."""
+        if self.merged:
+            raise RuntimeError("cannot disable a merged adapter: call unmerge() first")
+        old, self.disabled = self.disabled, True
+        try:
+            yield self
+        finally:
+            self.disabled = old
+
+    def to_linear(self) -> nn.Linear:
+        """A plain `nn.Linear` sharing this layer's (merged, if merged) weight and bias."""
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device="meta")
+        lin.weight, lin.bias = self.weight, self.bias
+        return lin

@@ -1,0 +1,17 @@
+from setuptools import setup
+
+# `kernels/` lives at the repository root but installs as `lora.kernels`, so no top-level `kernels`
+# module is installed (that name belongs to an unrelated PyPI package).
+setup(
+    name="lora-kernels-llama",
+    version="0.1.0",
+    description="A from-scratch LoRA library for Llama models with fused Triton kernels",
+    packages=["lora", "lora.kernels"],
+    package_dir={"lora": "lora", "lora.kernels": "kernels"},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4", "transformers>=4.45", "safetensors>=0.4", "numpy", "tokenizers"],
+    extras_require={
+        "test": ["pytest>=7", "triton>=3.0; platform_system == 'Linux'", "tqdm"],
+        "bench": ["peft>=0.13", "matplotlib"],
+    },
+)
