@@ -59,9 +59,6 @@ _TRITON_OK: bool | None = None
 def _triton_available() -> bool:
     global _TRITON_OK
     if _TRITON_OK is None:
-        try:
-            from .kernels import lora_linear  # noqa: F401
-            _TRITON_OK = True
-        except ImportError:
-            _TRITON_OK = False
+        from . import kernels
+        _TRITON_OK = bool(kernels.AVAILABLE)
     return _TRITON_OK

@@ -1,0 +1,180 @@
+"""LoRALinear and the plain autograd op against float64 references."""
+import pytest
+import torch
+import torch.nn as nn
+
+from lora import LoRALinear
+from lora.functional import LoRALinearFunction, dropout_scale
+
+
+def make_layer(inp=45, out=29, r=5, alpha=7.0, bias=True, dtype=torch.float32, dropout=0.0, init=False):
+    base = nn.Linear(inp, out, bias=bias, dtype=dtype)
+    return LoRALinear(base, r=r, alpha=alpha, dropout=dropout, init_lora_weights=init)
+
+
+def reference(x, W, b, A, B, s, mask=None):
+    """y = x Wᵀ + b + s (dropout(x) Aᵀ) Bᵀ in float64."""
+    x, W, A, B = (t.double() for t in (x, W, A, B))
+    xd = x if mask is None else x * mask.double()
+    y = x @ W.T + s * (xd @ A.T) @ B.T
+    return y + b.double() if b is not None else y
+
+
+@pytest.mark.parametrize("shape", [(37, 45), (3, 13, 45)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_and_grads_match_float64_reference(shape, bias):
+    torch.manual_seed(len(shape) + bias)
+    layer = make_layer(bias=bias).train()
+    x = torch.randn(*shape, requires_grad=True)
+    y = layer(x)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+
+    xr = x.detach().double().requires_grad_()
+    Ar = layer.lora_A.detach().double().requires_grad_()
+    Br = layer.lora_B.detach().double().requires_grad_()
+    yr = reference(xr, layer.weight, layer.bias, Ar, Br, layer.scaling)
+    yr.backward(dy.double())
+    torch.testing.assert_close(y.double(), yr, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), xr.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.lora_A.grad.double(), Ar.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.lora_B.grad.double(), Br.grad, rtol=1e-5, atol=1e-5)
+    assert layer.weight.grad is None and (layer.bias is None or layer.bias.grad is None)
+
+
+def test_gradcheck_float64():
+    torch.manual_seed(0)
+    layer = make_layer(inp=9, out=7, r=3, dtype=torch.float64)
+    layer.lora_A.data = layer.lora_A.data.double()
+    layer.lora_B.data = layer.lora_B.data.double()
+    x = torch.randn(2, 5, 9, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, A, B: LoRALinearFunction.apply(
+        x, layer.weight, layer.bias, A, B, layer.scaling, 0.0, 0), (x, layer.lora_A, layer.lora_B))
+    # With dropout: a fixed seed makes the op deterministic, so gradcheck applies too.
+    assert torch.autograd.gradcheck(lambda x, A, B: LoRALinearFunction.apply(
+        x, layer.weight, layer.bias, A, B, layer.scaling, 0.3, 1234), (x, layer.lora_A, layer.lora_B))
+
+
+def test_dropout_uses_the_same_mask_in_forward_and_backward():
+    torch.manual_seed(3)
+    layer = make_layer()
+    x = torch.randn(31, 45, requires_grad=True)
+    p, seed = 0.4, 98765
+    y = LoRALinearFunction.apply(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling, p, seed)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    mask = dropout_scale(x.detach(), p, seed)
+    assert set(mask.unique().tolist()) <= {0.0, torch.tensor(1 / (1 - p)).item()}
+    assert 0.2 < (mask == 0).float().mean() < 0.6
+    xr = x.detach().double().requires_grad_()
+    Ar = layer.lora_A.detach().double().requires_grad_()
+    Br = layer.lora_B.detach().double().requires_grad_()
+    yr = reference(xr, layer.weight, layer.bias, Ar, Br, layer.scaling, mask)
+    yr.backward(dy.double())
+    torch.testing.assert_close(y.double(), yr, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), xr.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.lora_A.grad.double(), Ar.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.lora_B.grad.double(), Br.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_only_in_training_mode():
+    torch.manual_seed(4)
+    layer = make_layer(dropout=0.5)
+    x = torch.randn(8, 45)
+    layer.eval()
+    torch.testing.assert_close(layer(x).double(), reference(x, layer.weight, layer.bias, layer.lora_A,
+                                                            layer.lora_B, layer.scaling), rtol=1e-5, atol=1e-5)
+    layer.train()
+    assert not torch.allclose(layer(x), layer(x))     # fresh masks each call
+
+
+def test_zero_B_is_the_base_layer_bit_for_bit():
+    torch.manual_seed(5)
+    base = nn.Linear(45, 29)
+    x = torch.randn(2, 7, 45)
+    expected = base(x)
+    layer = LoRALinear(base, r=8, alpha=16, init_lora_weights=True)
+    assert torch.count_nonzero(layer.lora_B) == 0
+    assert torch.equal(layer(x), expected)
+    layer.train()
+    assert torch.equal(layer(x), expected)
+
+
+def test_bf16_base_with_fp32_adapter_and_autocast():
+    torch.manual_seed(6)
+    layer = make_layer(dtype=torch.bfloat16)
+    assert layer.lora_A.dtype == torch.float32 and layer.weight.dtype == torch.bfloat16
+    x = torch.randn(10, 45, dtype=torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    ref = reference(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling)
+    torch.testing.assert_close(y.double(), ref, rtol=3e-2, atol=3e-2)
+    layer32 = make_layer()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer32(x.float())
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer32.lora_A.grad.dtype == torch.float32
+
+
+def test_merge_is_one_rounding_idempotent_and_unmerge_restores():
+    torch.manual_seed(7)
+    layer = make_layer()
+    x = torch.randn(13, 45)
+    before = layer(x)
+    W0 = layer.weight.detach().clone()
+    layer.merge()
+    expected = (W0.float() + (layer.lora_B.float() @ layer.lora_A.float()) * layer.scaling).to(W0.dtype)
+    assert layer.merged and torch.equal(layer.weight, expected)
+    layer.merge()                                   # idempotent
+    assert torch.equal(layer.weight, expected)
+    torch.testing.assert_close(layer(x), before, rtol=1e-5, atol=1e-5)
+    layer.unmerge()
+    layer.unmerge()
+    assert not layer.merged
+    torch.testing.assert_close(layer.weight, W0, rtol=0, atol=1e-6)
+    torch.testing.assert_close(layer(x), before, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_bf16_rounds_once_from_fp32():
+    torch.manual_seed(8)
+    layer = make_layer(dtype=torch.bfloat16)
+    W0 = layer.weight.detach().clone()
+    layer.merge()
+    fp32_sum = W0.float() + (layer.lora_B.float() @ layer.lora_A.float()) * layer.scaling
+    assert torch.equal(layer.weight, fp32_sum.to(torch.bfloat16))      # one rounding to bf16
+    exact = W0.double() + layer.scaling * layer.lora_B.double() @ layer.lora_A.double()
+    torch.testing.assert_close(layer.weight.double(), exact, rtol=2 ** -8, atol=0)   # within 1 bf16 ulp
+
+
+def test_disable_adapter_context():
+    torch.manual_seed(9)
+    layer = make_layer()
+    x = torch.randn(4, 45)
+    with layer.disable_adapter():
+        assert torch.equal(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
+    assert not layer.disabled
+    assert not torch.allclose(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
+    layer.merge()
+    with pytest.raises(RuntimeError, match="unmerge"):
+        with layer.disable_adapter():
+            pass
+
+
+def test_init_modes_and_rslora_scaling():
+    base = nn.Linear(64, 32)
+    assert LoRALinear(base, r=16, alpha=32).scaling == 2.0
+    assert LoRALinear(base, r=16, alpha=32, use_rslora=True).scaling == 8.0
+    torch.manual_seed(0)
+    g = LoRALinear(nn.Linear(2000, 8), r=4, alpha=8, init_lora_weights="gaussian")
+    assert torch.count_nonzero(g.lora_B) == 0
+    assert abs(g.lora_A.std().item() - 0.25) < 0.01
+    k = LoRALinear(nn.Linear(2000, 8), r=4, alpha=8)
+    bound = 1 / 2000 ** 0.5   # kaiming_uniform(a=sqrt(5)) on fan_in 2000
+    assert k.lora_A.abs().max() <= bound and k.lora_A.abs().max() > 0.9 * bound
+
+
+def test_parameter_names_keep_the_base_keys():
+    layer = make_layer()
+    assert set(dict(layer.named_parameters())) == {"weight", "bias", "lora_A", "lora_B"}
+    assert layer.lora_A.shape == (5, 45) and layer.lora_B.shape == (29, 5)
