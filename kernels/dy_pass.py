@@ -1,0 +1,105 @@
+"""The backward's one pass over dY: both LoRA products that read dY, from the same loaded tiles.
+
+    dS = s · dY B      (M, R)      reduction over N, complete inside one program
+    dB = s · dYᵀ S     (N, R)      reduction over M, summed across programs with fp32 atomics
+
+    dY: (M, N)   B = lora_B: (N, R)   S: (M, R) saved by the forward
+
+Each program owns BLOCK_M rows of dY and one BLOCK_R slice of the rank, and walks all of N: every
+dY tile is loaded once and feeds both dots. dB's partial sums from different row blocks meet in a
+zeroed fp32 buffer (atomic adds: the summation order, so the last bits of dB, can vary run to run).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import launch
+from .mma import mma
+
+
+@triton.jit
+def _dy_pass_kernel(
+    # pointers: dY (M, N), lora_B (N, R), S (M, R), dS (M, R), dB (N, R) fp32 zeroed
+    dy_ptr, b_ptr, s_ptr, ds_ptr, db_ptr,
+    # sizes
+    M, N, R,
+    # strides
+    stride_dym, stride_dyn,
+    stride_bn, stride_br,
+    stride_sm, stride_sr,
+    stride_dsm, stride_dsr,
+    stride_dbn, stride_dbr,
+    # LoRA scale and the autotune key
+    scaling, M_BUCKET,
+    EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m, pid_r = tl.program_id(0), tl.program_id(1)
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)      # (BLOCK_M,)
+    ranks = (pid_r * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)     # (BLOCK_R,)
+    row_ok, rank_ok = rows < M, ranks < R
+
+    s = tl.load(s_ptr + rows[:, None] * stride_sm + ranks[None, :] * stride_sr,
+                mask=row_ok[:, None] & rank_ok[None, :], other=0.0)              # (BLOCK_M, BLOCK_R)
+    ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)                         # (BLOCK_N,)
+        dy_ptrs = dy_ptr + rows[:, None] * stride_dym + cols[None, :] * stride_dyn
+        b_ptrs = b_ptr + cols[:, None] * stride_bn + ranks[None, :] * stride_br
+        col_ok = cols < N
+        if EVEN_N:
+            dy = tl.load(dy_ptrs, mask=row_ok[:, None], other=0.0)             # (BLOCK_M, BLOCK_N)
+            b = tl.load(b_ptrs, mask=rank_ok[None, :], other=0.0)              # (BLOCK_N, BLOCK_R)
+        else:
+            dy = tl.load(dy_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
+        ds = mma(dy, b, ds, DOT_PRECISION, UPCAST)                              # dY B
+        db = mma(tl.trans(dy), s, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32),
+                 DOT_PRECISION, UPCAST)                                         # dYᵀ S, this row block
+        tl.atomic_add(db_ptr + cols[:, None] * stride_dbn + ranks[None, :] * stride_dbr, db * scaling,
+                      mask=col_ok[:, None] & rank_ok[None, :])
+
+    tl.store(ds_ptr + rows[:, None] * stride_dsm + ranks[None, :] * stride_dsr,
+             (ds * scaling).to(ds_ptr.dtype.element_ty), mask=row_ok[:, None] & rank_ok[None, :])
+
+
+# Autotune table for H100, per M bucket: (BLOCK_M, BLOCK_N, num_stages, num_warps).
+_NAMES = ("BLOCK_M", "BLOCK_N")
+_TABLE = {
+    16: [(16, 128, 4, 4), (16, 256, 3, 4), (16, 64, 4, 4)],
+    64: [(32, 128, 4, 4), (64, 64, 4, 4), (64, 128, 3, 4)],
+    256: [(64, 64, 4, 4), (64, 128, 3, 4), (128, 64, 4, 8)],
+    512: [(64, 64, 4, 4), (128, 64, 4, 8), (64, 128, 3, 8), (128, 128, 3, 8)],
+}
+_INTERPRET_CONFIG = dict(BLOCK_M=16, BLOCK_N=16)
+
+_dy_pass = triton.heuristics({"EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0})(_dy_pass_kernel)
+_dy_pass_tuned = triton.autotune(
+    configs=launch.configs_from(_TABLE, _NAMES), key=["M_BUCKET", "N", "R"],
+    prune_configs_by={"early_config_prune": launch.bucket_pruner(_TABLE, _NAMES)},
+    reset_to_zero=["db_ptr"],     # each timed config adds into dB: start every one from zero
+)(_dy_pass)
+
+
+def dy_pass(dy: torch.Tensor, lora_B: torch.Tensor, S: torch.Tensor, scaling: float
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """dS = s · dY B (M, R) in dY's dtype, and dB = s · dYᵀ S (N, R) in fp32.
+
+    dy (M, N), lora_B (N, R), S (M, R): any strides (dY from autograd may be expanded, stride 0)."""
+    M, N = dy.shape
+    R = S.shape[1]
+    ds = launch.empty_output((M, R), dy.dtype, dy.device)
+    db = torch.zeros((N, R), dtype=torch.float32, device=dy.device)     # atomics need zeros
+    BLOCK_R = launch.rank_block(R, cap=128)
+    args = (dy, lora_B, S, ds, db, M, N, R, *dy.stride(), *lora_B.stride(), *S.stride(), *ds.stride(),
+            *db.stride(), float(scaling), launch.m_bucket(M))
+    meta = dict(BLOCK_R=BLOCK_R, **launch.dot_meta(dy.dtype))
+    if launch.INTERPRET:
+        cfg = _INTERPRET_CONFIG
+        _dy_pass[(triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(R, BLOCK_R))](*args, **meta, **cfg)
+    else:
+        grid = lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(R, BLOCK_R))  # noqa: E731
+        _dy_pass_tuned[grid](*args, **meta)
+    return ds, db
