@@ -8,10 +8,11 @@ from .config import LLAMA_TARGETS, LoRAConfig
 from .errors import LoRAError
 from .inject import apply_lora, disable_adapter, lora_layers, merge_lora, trainable_parameters
 from .layer import LoRALinear
+from .merge_checkpoint import merge_checkpoint
 
 __all__ = [
     "LoRAConfig", "LoRALinear", "LoRAError", "LLAMA_TARGETS", "apply_lora", "merge_lora",
     "disable_adapter", "lora_layers", "trainable_parameters", "save_adapter", "load_adapter",
-    "set_backend", "get_backend",
+    "set_backend", "get_backend", "merge_checkpoint",
 ]
 __version__ = "0.1.0"

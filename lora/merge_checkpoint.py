@@ -1,0 +1,562 @@
+"""Fold LoRA adapters into a Hugging Face safetensors checkpoint, streaming tensor by tensor.
+
+For every adapted projection (adapter keys `base_model.model.<module>.lora_{A,B}.weight` →
+checkpoint tensor `<module>.weight`):
+
+    W' = round_to_dtype( fp32(W) + Σ_i w_i · (s_i · fp32(B_i) @ fp32(A_i)) )     one rounding
+         W: (out, in)   A_i: (r_i, in)   B_i: (out, r_i)   s_i = adapter i's scaling for the module
+
+Every other tensor is copied byte for byte. The output keeps the base's shard files, tensor order
+and index; only `--dtype` changes bytes elsewhere (float tensors converted, config.json's dtype set).
+
+Memory stays flat in the number of layers: safetensors headers are parsed by hand, a merged weight is
+read with one `pread` into a buffer of its own size, unchanged tensors are copied file-to-file by the
+kernel (`copy_file_range`, never through our address space), and each output shard's header is known
+before its data (same shapes, known dtypes), so it is written first and the data streamed after it.
+`safetensors.safe_open` is not used because its mmap pages would count towards RSS up to a whole shard.
+
+Crash safety: everything is checked before anything is written, then written into a temporary
+directory beside `out_dir` (lora.atomic.atomic_dir) that is renamed into place at the end.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .adapter import CONFIG_NAME, PREFIX, WEIGHTS_NAME, read_adapter_config, read_adapter_tensors
+from .atomic import atomic_dir
+from .errors import LoRAError
+
+SINGLE_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+# Files beside the weights that are weights in another format: never copied (they would be stale).
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
+_HEADER_LIMIT = 100 * 1024 * 1024        # safetensors' own bound on the JSON header
+_COPY_CHUNK = 64 * 1024 * 1024           # bytes per copy / conversion step (progress granularity)
+
+# safetensors dtype name -> (bytes per element, torch dtype or None when torch has no such dtype)
+_DTYPES = {
+    "F64": (8, torch.float64), "F32": (4, torch.float32), "F16": (2, torch.float16),
+    "BF16": (2, torch.bfloat16), "I64": (8, torch.int64), "I32": (4, torch.int32),
+    "I16": (2, torch.int16), "I8": (1, torch.int8), "U8": (1, torch.uint8), "BOOL": (1, torch.bool),
+    "U16": (2, None), "U32": (4, None), "U64": (8, None), "C64": (8, None),
+    "F8_E4M3": (1, getattr(torch, "float8_e4m3fn", None)), "F8_E5M2": (1, getattr(torch, "float8_e5m2", None)),
+    "F8_E8M0": (1, None),
+}
+# Only these are merged into or converted by --dtype (fp8 weights come with scales we do not model).
+_FLOAT_NAMES = {"F64", "F32", "F16", "BF16"}
+_DTYPE_ARG = {
+    "float32": "F32", "fp32": "F32", "float16": "F16", "fp16": "F16", "half": "F16",
+    "bfloat16": "BF16", "bf16": "BF16",
+}
+_TORCH_NAME = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+
+# -- reading safetensors headers ----------------------------------------------------------------
+@dataclass
+class _Entry:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int            # absolute byte offset in the file
+    nbytes: int
+
+
+@dataclass
+class _Shard:
+    path: Path
+    entries: list[_Entry]                 # in file (data offset) order
+    metadata: dict | None
+
+
+def _read_shard_header(path: Path) -> _Shard:
+    """Parse and fully check a safetensors header against the file's size (catches truncation)."""
+    def bad(msg: str):
+        raise LoRAError(f"{path}: corrupt or truncated safetensors file ({msg})")
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            bad(f"{size} bytes, too short for a header")
+        n = int.from_bytes(raw, "little")
+        if n > _HEADER_LIMIT or 8 + n > size:
+            bad(f"header length {n} does not fit a {size}-byte file")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            bad(f"header is not JSON: {e}")
+    if not isinstance(header, dict):
+        bad("header is not a JSON object")
+    metadata = header.pop("__metadata__", None)
+    data_start, entries = 8 + n, []
+    for name, info in header.items():
+        try:
+            dtype, shape, (b, e) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            bad(f"malformed entry for {name!r}")
+        if dtype not in _DTYPES:
+            raise LoRAError(f"{path}: tensor {name} has dtype {dtype}, which this merge does not support")
+        if not (isinstance(b, int) and isinstance(e, int)) or e < b or any(d < 0 for d in shape):
+            bad(f"bad offsets or shape for {name!r}")
+        if math.prod(shape) * _DTYPES[dtype][0] != e - b:
+            bad(f"{name}: {e - b} bytes for shape {list(shape)} {dtype}")
+        entries.append(_Entry(name, dtype, shape, data_start + b, e - b))
+    entries.sort(key=lambda t: t.begin)
+    end = data_start
+    for t in entries:
+        if t.begin != end:
+            bad(f"{t.name}: data does not follow the previous tensor")
+        end += t.nbytes
+    if end != size:
+        bad(f"data ends at byte {end} but the file has {size} bytes")
+    return _Shard(path, entries, metadata)
+
+
+def _read_checkpoint(base_dir: Path) -> tuple[list[_Shard], dict | None]:
+    """All shards' headers and the index (None for a single model.safetensors), cross-checked."""
+    if (base_dir / SINGLE_NAME).is_file():
+        return [_read_shard_header(base_dir / SINGLE_NAME)], None
+    index_path = base_dir / INDEX_NAME
+    if not index_path.is_file():
+        raise LoRAError(f"{base_dir}: no {SINGLE_NAME} or {INDEX_NAME} (only safetensors checkpoints are read)")
+    try:
+        index = json.loads(index_path.read_text())
+        weight_map = index["weight_map"]
+        assert isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AssertionError):
+        raise LoRAError(f"{index_path}: not a valid index (needs a 'weight_map' of tensor -> shard file)") from None
+    shards = []
+    for file in dict.fromkeys(weight_map.values()):
+        if Path(file).name != file or file in (".", ".."):
+            raise LoRAError(f"{index_path}: shard name {file!r} is not a plain file name")
+        if not (base_dir / file).is_file():
+            raise LoRAError(f"{index_path}: shard {file} is missing")
+        shard = _read_shard_header(base_dir / file)
+        for t in shard.entries:
+            listed = weight_map.get(t.name)
+            if listed is None:
+                raise LoRAError(f"{index_path}: missing index entry for tensor {t.name} (held by {file})")
+            if listed != file:
+                raise LoRAError(f"{index_path}: lists {t.name} in {listed}, but {file} holds it")
+        shards.append(shard)
+    held = {t.name for s in shards for t in s.entries}
+    for name, file in weight_map.items():
+        if name not in held:
+            raise LoRAError(f"{index_path}: lists {name} in {file}, which has no such tensor")
+    return shards, index
+
+
+# -- planning the merge -------------------------------------------------------------------------
+@dataclass
+class _Update:
+    """One adapter's low-rank update of one weight: weight · scaling · B @ A."""
+    lora_A: torch.Tensor      # (r, in)
+    lora_B: torch.Tensor      # (out, r)
+    scaling: float
+    weight: float
+
+
+_KEY = re.compile(rf"^{re.escape(PREFIX)}(.+)\.lora_([AB])\.weight$")
+
+
+def _plan_updates(adapter_dirs: list[Path], weights: list[float],
+                  base: dict[str, _Entry]) -> dict[str, list[_Update]]:
+    """{checkpoint tensor name: updates in adapter order}; every mismatch is a one-line LoRAError."""
+    plan: dict[str, list[_Update]] = {}
+    for adapter_dir, w in zip(adapter_dirs, weights):
+        config = read_adapter_config(adapter_dir)
+        tensors = read_adapter_tensors(adapter_dir)
+        pairs: dict[str, dict[str, torch.Tensor]] = {}
+        for key, t in tensors.items():
+            m = _KEY.match(key)
+            if m is None:
+                raise LoRAError(f"{adapter_dir}: unexpected key {key} (expected {PREFIX}<module>.lora_A/B.weight)")
+            pairs.setdefault(m.group(1), {})[m.group(2)] = t
+        if not pairs:
+            raise LoRAError(f"{adapter_dir}: {WEIGHTS_NAME} holds no LoRA tensors")
+        for module, ab in pairs.items():
+            if set(ab) != {"A", "B"}:
+                missing = "lora_B" if "A" in ab else "lora_A"
+                raise LoRAError(f"{adapter_dir}: {module} has no {missing}.weight")
+            target = base.get(f"{module}.weight")
+            if target is None:
+                raise LoRAError(f"{adapter_dir}: target module {module} is not in the base checkpoint "
+                                f"(no tensor {module}.weight)")
+            lora_A, lora_B = ab["A"], ab["B"]
+            key_A, key_B = f"{PREFIX}{module}.lora_A.weight", f"{PREFIX}{module}.lora_B.weight"
+            for key, t in ((key_A, lora_A), (key_B, lora_B)):
+                if not t.is_floating_point() or t.dim() != 2:
+                    raise LoRAError(f"{adapter_dir}: {key} must be a 2-D float tensor, got {t.dtype} {tuple(t.shape)}")
+            if target.dtype not in _FLOAT_NAMES or len(target.shape) != 2:
+                raise LoRAError(f"{adapter_dir}: base tensor {target.name} is {target.dtype} {target.shape}; "
+                                f"only 2-D F32/F16/BF16/F64 weights can be merged into")
+            out_f, in_f = target.shape
+            r = config.rank_for(module)
+            if tuple(lora_A.shape) != (r, in_f):
+                raise LoRAError(f"{adapter_dir}: {key_A} has shape {tuple(lora_A.shape)} but base weight "
+                                f"{target.name} has shape {target.shape} (needs ({r}, {in_f}) at r={r})")
+            if tuple(lora_B.shape) != (out_f, r):
+                raise LoRAError(f"{adapter_dir}: {key_B} has shape {tuple(lora_B.shape)} but base weight "
+                                f"{target.name} has shape {target.shape} (needs ({out_f}, {r}) at r={r})")
+            plan.setdefault(target.name, []).append(
+                _Update(lora_A, lora_B, config.scaling_for(module), w))
+    return plan
+
+
+def merged_weight(W: torch.Tensor, updates: list[_Update], out_dtype: torch.dtype) -> torch.Tensor:
+    """round_to(out_dtype)( fp32(W) + Σ w·(s·B@A) ): the deltas summed in fp32, in adapter order, one rounding.
+
+    W: (out, in) in any float dtype. Writing `delta += W` instead of `fp32(W) + delta` is the same
+    IEEE sum (W's upcast is exact, addition commutes) without an fp32 copy of W.
+    """
+    delta = None
+    for u in updates:
+        d = (u.lora_B.float() @ u.lora_A.float()) * u.scaling            # (out, in) fp32
+        if u.weight != 1.0:
+            d = d * u.weight
+        delta = d if delta is None else delta.add_(d)
+    if W.dtype == torch.float64:                 # keep an fp64 base in fp64 (no precision lost)
+        return (W + delta.double()).to(out_dtype)
+    return delta.add_(W).to(out_dtype)
+
+
+# -- writing ------------------------------------------------------------------------------------
+class _Progress:
+    """Bytes written with MB/s and ETA, and the tensor count: tqdm when installed, else a plain line."""
+
+    def __init__(self, total_bytes: int, n_tensors: int, enabled: bool):
+        self.total, self.n, self.done, self.bytes = total_bytes, n_tensors, 0, 0
+        self.enabled, self.bar, self.t0, self.last = enabled, None, time.monotonic(), 0.0
+        if enabled:
+            try:
+                from tqdm import tqdm
+                self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="merge", file=sys.stderr)
+            except ImportError:
+                pass
+
+    def advance(self, nbytes: int, tensor_done: bool) -> None:
+        self.bytes += nbytes
+        self.done += tensor_done
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"tensor {self.done}/{self.n}", refresh=False)
+            self.bar.update(nbytes)
+            return
+        now = time.monotonic()
+        if now - self.last > 1.0 or self.done == self.n:
+            self.last, dt = now, max(now - self.t0, 1e-9)
+            rate = self.bytes / dt
+            eta = (self.total - self.bytes) / rate if rate > 0 else float("inf")
+            print(f"\rmerge: tensor {self.done}/{self.n}, {self.bytes / 1e6:.0f}/{self.total / 1e6:.0f} MB, "
+                  f"{rate / 1e6:.1f} MB/s, ETA {eta:.0f}s", end="\n" if self.done == self.n else "",
+                  file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _pread_exact(fd: int, n: int, offset: int, path: Path) -> torch.Tensor:
+    buf = torch.empty(n, dtype=torch.uint8)
+    view, got = memoryview(buf.numpy()), 0
+    while got < n:
+        k = os.preadv(fd, [view[got:]], offset + got)
+        if k == 0:
+            raise LoRAError(f"{path}: truncated while reading (file changed during the merge?)")
+        got += k
+    return buf
+
+
+def _write_all(fd: int, t: torch.Tensor) -> None:
+    view = memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _copy_bytes(src: int, dst: int, offset: int, n: int, path: Path, step) -> None:
+    """Copy n bytes from src at `offset` to dst's current position, in the kernel when it can."""
+    done = 0
+    while done < n:
+        k = min(_COPY_CHUNK, n - done)
+        try:
+            got = os.copy_file_range(src, dst, k, offset + done)
+        except (OSError, AttributeError):          # other filesystem, old kernel, no syscall
+            got = os.write(dst, os.pread(src, k, offset + done))
+        if got == 0:
+            raise LoRAError(f"{path}: truncated while reading (file changed during the merge?)")
+        done += got
+        step(got)
+
+
+def _out_dtype(entry: _Entry, dtype: str | None) -> str:
+    return dtype if dtype is not None and entry.dtype in _FLOAT_NAMES else entry.dtype
+
+
+def _shard_header(shard: _Shard, dtype: str | None) -> tuple[bytes, int]:
+    """The output shard's header (8-byte length + JSON, padded to 8 bytes) and its data size."""
+    meta = dict(shard.metadata or {})
+    meta.setdefault("format", "pt")              # transformers refuses files without it
+    header, offset = {"__metadata__": meta}, 0
+    for t in shard.entries:
+        out = _out_dtype(t, dtype)
+        nbytes = math.prod(t.shape) * _DTYPES[out][0]
+        header[t.name] = {"dtype": out, "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw, offset
+
+
+def _write_shard(shard: _Shard, out_path: Path, plan: dict[str, list[_Update]], dtype: str | None,
+                 progress: _Progress, hold) -> None:
+    header, _ = _shard_header(shard, dtype)
+    src = os.open(shard.path, os.O_RDONLY)
+    try:
+        dst = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(dst, header)
+            for t in shard.entries:
+                out = _out_dtype(t, dtype)
+                if t.name in plan:
+                    W = _pread_exact(src, t.nbytes, t.begin, shard.path).view(_DTYPES[t.dtype][1]).reshape(t.shape)
+                    merged = merged_weight(W, plan[t.name], _DTYPES[out][1])
+                    _write_all(dst, merged)
+                    del W, merged
+                    progress.advance(t.nbytes, True)
+                elif out != t.dtype:               # --dtype: convert element-wise, chunk by chunk
+                    size, src_dt, out_dt = _DTYPES[t.dtype][0], _DTYPES[t.dtype][1], _DTYPES[out][1]
+                    step = _COPY_CHUNK // size * size
+                    for off in range(0, t.nbytes, step):
+                        n = min(step, t.nbytes - off)
+                        _write_all(dst, _pread_exact(src, n, t.begin + off, shard.path).view(src_dt).to(out_dt))
+                        progress.advance(n, False)
+                    progress.advance(0, True)
+                else:
+                    _copy_bytes(src, dst, t.begin, t.nbytes, shard.path, lambda k: progress.advance(k, False))
+                    progress.advance(0, True)
+                hold()
+        finally:
+            os.close(dst)
+    finally:
+        os.close(src)
+
+
+def _test_hold_hook():
+    """For the crash-safety test: with LORA_MERGE_TEST_HOLD=<file>, after the first tensor is written
+    create <file> and sleep, so a test can SIGKILL the merge at a known moment."""
+    path = os.environ.get("LORA_MERGE_TEST_HOLD")
+    state = {"fired": False}
+
+    def hold():
+        if path and not state["fired"]:
+            state["fired"] = True
+            Path(path).write_text(str(os.getpid()))
+            time.sleep(600)
+    return hold
+
+
+def _copy_side_files(base_dir: Path, out_dir: Path, dtype: str | None) -> list[str]:
+    """config.json, generation_config.json, tokenizer files…: every top-level non-weight file."""
+    copied = []
+    for p in sorted(base_dir.iterdir()):
+        if not p.is_file() or p.name.startswith(".") or p.name.endswith(_WEIGHT_SUFFIXES):
+            continue
+        if p.name == "config.json" and dtype is not None:
+            cfg = json.loads(p.read_text())
+            keys = [k for k in ("dtype", "torch_dtype") if k in cfg] or ["dtype"]
+            for k in keys:
+                cfg[k] = _TORCH_NAME[dtype]
+            (out_dir / p.name).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        else:
+            shutil.copy2(p, out_dir / p.name)
+        copied.append(p.name)
+    return copied
+
+
+# -- --verify -----------------------------------------------------------------------------------
+def _reference_model(base_dir: Path, adapter_dirs: list[Path], weights: list[float]):
+    """Base model in fp32 carrying the adapter(s) unmerged, as our LoRALinear.
+
+    One adapter: exactly lora.load_adapter. Several: per module one LoRALinear whose rank is the sum
+    of the adapters' ranks, A = [A_1; A_2; …] and B = [w_1 s_1 B_1, w_2 s_2 B_2, …] with scaling 1,
+    so its forward is x Wᵀ + Σ_i w_i s_i (x A_iᵀ) B_iᵀ — the unmerged sum.
+    """
+    import torch.nn as nn
+    from transformers import AutoModelForCausalLM
+
+    from .adapter import load_adapter
+    from .layer import LoRALinear
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    if len(adapter_dirs) == 1 and weights[0] == 1.0:
+        return load_adapter(model, adapter_dirs[0])
+    modules = dict(model.named_modules())
+    parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for name, ups in _plan_updates(adapter_dirs, weights, _module_weights(model)).items():
+        module = name.removesuffix(".weight")
+        parts[module] = [(u.lora_A.float(), u.lora_B.float() * (u.scaling * u.weight)) for u in ups]
+    with torch.no_grad():
+        for module, ab in parts.items():
+            linear = modules[module]
+            if not isinstance(linear, nn.Linear):
+                raise LoRAError(f"verify: {module} is a {type(linear).__name__}, not an nn.Linear")
+            r = sum(a.shape[0] for a, _ in ab)
+            layer = LoRALinear(linear, r=r, alpha=r)                       # scaling = 1
+            layer.lora_A.copy_(torch.cat([a for a, _ in ab], dim=0))       # (Σr, in)
+            layer.lora_B.copy_(torch.cat([b for _, b in ab], dim=1))       # (out, Σr)
+            parent, _, child = module.rpartition(".")
+            setattr(model.get_submodule(parent), child, layer)
+    return model
+
+
+def _module_weights(model) -> dict[str, _Entry]:
+    """The fp32 model's parameters as header entries, so _plan_updates can check shapes against them."""
+    return {n: _Entry(n, "F32", tuple(p.shape), 0, 0) for n, p in model.named_parameters()}
+
+
+# Tolerance on max |logit difference|, relative to the logits' scale max(1, max|logit|). The merged
+# weights are rounded once to their dtype (unit roundoff u: 2^-11 fp16, 2^-8 bf16) and that error
+# passes through every layer: 16·u. For fp32 the difference comes from activation roundoff
+# (x Wᵀ + s·(x Aᵀ) Bᵀ vs x (W + s·B A)ᵀ), not weight rounding: a floor of 2^-16 (1.5e-5) covers it.
+_UNIT_ROUNDOFF = {"F64": 2.0 ** -53, "F32": 2.0 ** -24, "F16": 2.0 ** -11, "BF16": 2.0 ** -8}
+VERIFY_ULPS, VERIFY_FLOOR = 16, 2.0 ** -16
+
+
+@torch.no_grad()
+def verify_merged(base_dir: Path, adapter_dirs: list[Path], weights: list[float],
+                  merged_dir: Path, n_seq: int = 3, seq_len: int = 16) -> tuple[float, float, float]:
+    """(max |logit difference|, tolerance, adapter effect) between base+adapter (unmerged, our layer)
+    and the merged checkpoint, both run in fp32 on the same random token sequences. The adapter's
+    effect, max |logits(base+adapter) - logits(base)|, says how much a wrong merge could show."""
+    from transformers import AutoModelForCausalLM
+
+    from .inject import disable_adapter
+
+    ref_model = _reference_model(base_dir, adapter_dirs, weights)
+    vocab = ref_model.config.vocab_size
+    ids = torch.randint(0, vocab, (n_seq, seq_len), generator=torch.Generator().manual_seed(0))
+    ref = ref_model(input_ids=ids).logits.float()
+    with disable_adapter(ref_model):
+        effect = (ref_model(input_ids=ids).logits.float() - ref).abs().max().item()
+    del ref_model
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    got = merged(input_ids=ids).logits.float()
+    shards, _ = _read_checkpoint(merged_dir)
+    worst = max((_UNIT_ROUNDOFF[t.dtype] for s in shards for t in s.entries if t.dtype in _UNIT_ROUNDOFF),
+                default=2.0 ** -24)
+    tol = max(VERIFY_ULPS * worst, VERIFY_FLOOR) * max(1.0, ref.abs().max().item())
+    return (got - ref).abs().max().item(), tol, effect
+
+
+# -- the entry point ----------------------------------------------------------------------------
+class VerifyError(LoRAError):
+    """--verify found the merged model's logits too far from base+adapter's."""
+
+
+@dataclass
+class MergeReport:
+    out_dir: Path
+    n_tensors: int
+    n_merged: int
+    bytes_written: int
+    seconds: float
+    side_files: list[str] = field(default_factory=list)
+    max_abs_diff: float | None = None      # set by verify
+    tolerance: float | None = None
+    adapter_effect: float | None = None    # max |logits(base+adapter) - logits(base)|, from verify
+
+
+def _check_paths(base_dir: Path, adapter_dirs: list[Path], out_dir: Path, force: bool) -> None:
+    if not base_dir.is_dir():
+        raise LoRAError(f"base checkpoint {base_dir} is not a directory")
+    out, base = out_dir.resolve(), base_dir.resolve()
+    if out == base:
+        raise LoRAError(f"--out {out_dir} is the base checkpoint itself; choose another directory")
+    for d in adapter_dirs:
+        if not d.is_dir():
+            raise LoRAError(f"adapter {d} is not a directory")
+        if out == d.resolve():
+            raise LoRAError(f"--out {out_dir} is the adapter directory {d}; choose another directory")
+    for src in [base, *(d.resolve() for d in adapter_dirs)]:
+        if out in src.parents:
+            raise LoRAError(f"--out {out_dir} contains the input {src}; replacing it would delete the input")
+    if out_dir.exists() and not force:
+        raise LoRAError(f"{out_dir} already exists (pass --force / force=True to replace it)")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise LoRAError(f"{out_dir} exists and is not a directory")
+
+
+def merge_checkpoint(base_dir, adapter_dirs, out_dir, weights=None, dtype=None, force: bool = False,
+                     verify: bool = False, progress: bool = True) -> MergeReport:
+    """Write base + Σ weights[i]·adapter[i] to `out_dir` as a complete Hugging Face checkpoint.
+
+    base_dir:     HF checkpoint dir with model.safetensors or model.safetensors.index.json (+ shards)
+    adapter_dirs: one PEFT-format adapter dir, or a list of them
+    weights:      one float per adapter (default 1.0 each); the deltas are summed in fp32
+    dtype:        None (keep each tensor's dtype) or "float32"/"float16"/"bfloat16" (or a torch dtype)
+                  for every float tensor of the output; config.json's dtype follows
+    force:        replace an existing out_dir (atomically: the old one goes only once the new is complete)
+    verify:       compare logits of base+adapter (our LoRALinear, unmerged) and the merged model before
+                  the output is moved into place; above a dtype-suited tolerance it raises LoRAError
+    progress:     progress bar on stderr
+    """
+    t0 = time.monotonic()
+    base_dir, out_dir = Path(base_dir), Path(out_dir)
+    adapter_dirs = [Path(adapter_dirs)] if isinstance(adapter_dirs, (str, os.PathLike)) else [Path(a) for a in adapter_dirs]
+    if not adapter_dirs:
+        raise LoRAError("no adapter given")
+    if weights is None:
+        weights = [1.0] * len(adapter_dirs)
+    weights = [float(w) for w in weights]
+    if len(weights) != len(adapter_dirs):
+        raise LoRAError(f"{len(weights)} weight(s) for {len(adapter_dirs)} adapter(s); give one weight per adapter")
+    if not all(math.isfinite(w) for w in weights):
+        raise LoRAError(f"weights must be finite numbers, got {weights}")
+    if isinstance(dtype, torch.dtype):
+        dtype = str(dtype).removeprefix("torch.")
+    if dtype is not None and dtype not in _DTYPE_ARG:
+        raise LoRAError(f"dtype {dtype!r} is not one of float32, float16, bfloat16")
+    out_dt = _DTYPE_ARG[dtype] if dtype is not None else None
+    _check_paths(base_dir, adapter_dirs, out_dir, force)
+
+    # Everything that can be wrong with the inputs is found here, before the first byte is written.
+    shards, index = _read_checkpoint(base_dir)
+    entries = {t.name: t for s in shards for t in s.entries}
+    if len(entries) != sum(len(s.entries) for s in shards):
+        raise LoRAError(f"{base_dir}: a tensor name appears in more than one shard")
+    plan = _plan_updates(adapter_dirs, weights, entries)
+
+    sizes = [_shard_header(s, out_dt)[1] for s in shards]
+    bar = _Progress(sum(t.nbytes for t in entries.values()), len(entries), progress)
+    hold = _test_hold_hook()
+    report = MergeReport(out_dir, len(entries), len(plan), 0, 0.0)
+    try:
+        with atomic_dir(out_dir) as tmp:
+            for shard in shards:
+                _write_shard(shard, tmp / shard.path.name, plan, out_dt, bar, hold)
+            if index is not None:
+                index = dict(index, metadata=dict(index.get("metadata") or {}, total_size=sum(sizes)))
+                (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            report.side_files = _copy_side_files(base_dir, tmp, out_dt)
+            bar.close()
+            report.bytes_written = sum(sizes)
+            if verify:
+                report.max_abs_diff, report.tolerance, report.adapter_effect = verify_merged(base_dir, adapter_dirs, weights, tmp)
+                if not report.max_abs_diff <= report.tolerance:
+                    raise VerifyError(f"verify: max |logit difference| {report.max_abs_diff:.3g} exceeds the "
+                                    f"tolerance {report.tolerance:.3g}; nothing written")
+    finally:
+        bar.close()
+    report.seconds = time.monotonic() - t0
+    return report
