@@ -1,0 +1,133 @@
+"""Generate text with a base model, a LoRA adapter on it, or the two merged.
+
+    python infer.py --model DIR [--adapter DIR [--merge]] --prompt "TEXT"     # streams the reply
+    python infer.py --model DIR --adapter DIR --prompt-file prompts.txt      # one reply per line
+    python infer.py                                                          # the demo run (runs/demo)
+
+The work is in lora/inference.py (loading, prompts, batches) and lora/generate.py (the KV-cache loop).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DEMO_DIR = Path("runs/demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Generate with a KV cache from a saved causal LM, optionally with a LoRA adapter. "
+                    "Without --model it uses the demo run (runs/demo/base + runs/demo/adapter) and, "
+                    "without a prompt, checks the demo's held-out task examples.")
+    p.add_argument("--model", metavar="DIR", help="saved model directory (config.json, safetensors weights, tokenizer)")
+    p.add_argument("--adapter", metavar="DIR", help="LoRA adapter directory in PEFT format, made for this model")
+    p.add_argument("--merge", action="store_true",
+                   help="fold the adapter into the base weights in memory before generating (faster; same tokens)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", metavar="TEXT", help="one prompt; its reply is streamed to stdout as it is generated")
+    src.add_argument("--prompt-file", metavar="PATH",
+                     help="a text file with one prompt per line; replies are printed one per line, in order")
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
+                   help="most tokens to generate per prompt; generation stops earlier at end-of-sequence (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                   help="0 = greedy (the default); > 0 samples from softmax(logits / T)")
+    p.add_argument("--top-k", type=int, default=0, metavar="K",
+                   help="when sampling, keep only the K most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                   help="when sampling, keep the most likely tokens holding probability P (1 = off)")
+    p.add_argument("--seed", type=int, metavar="S", help="seed for sampling, so a run can be repeated")
+    p.add_argument("--batch-size", type=int, default=8, metavar="N",
+                   help="prompts generated together from --prompt-file (left-padded; default 8)")
+    p.add_argument("--chat-template", action="store_true",
+                   help="wrap each prompt with the tokenizer's chat template (an error if it has none)")
+    p.add_argument("--format", choices=("plain", "guanaco"), default="plain",
+                   help="plain: the prompt as given; guanaco: '### Human: PROMPT ### Assistant:'")
+    p.add_argument("--bucket", type=int, default=0, metavar="N",
+                   help="pad prompts and the KV cache to multiples of N tokens, so decode steps have one "
+                        "static shape (for graph-compiling devices such as HPU); 0 = off. Same tokens either way")
+    p.add_argument("--device", default="auto", help="auto (an accelerator when there is one, else cpu), cpu, cuda, ...")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="weight dtype to load the model in (auto: as saved)")
+    p.add_argument("--jsonl", action="store_true",
+                   help="with --prompt-file: print one JSON object per line ({prompt, reply}) instead of the reply text")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the model directory's own Python code to run (off: only built-in architectures)")
+    return p
+
+
+def one_line(text: str) -> str:
+    """A reply on one output line: backslashes, newlines and carriage returns escaped."""
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def read_prompts(path: str) -> list[str]:
+    from lora import LoRAError
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise LoRAError(f"{path}: no such prompt file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise LoRAError(f"{path}: cannot read ({e})") from None
+    if not lines:
+        raise LoRAError(f"{path}: no prompts (the file is empty)")
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            raise LoRAError(f"{path}:{i}: empty prompt")
+    return lines
+
+
+def run(args) -> None:
+    from lora import LoRAError
+    from lora.generate import Sampling
+    from lora.inference import TextStream, complete, load_model
+
+    if args.jsonl and args.prompt_file is None:
+        raise LoRAError("--jsonl applies to --prompt-file output only")
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
+    if args.model is None:
+        if args.adapter or args.merge:
+            raise LoRAError("--adapter/--merge need --model (without --model the demo run is used)")
+        if args.prompt is None and args.prompt_file is None:
+            from lora.infer_demo import run_demo
+            return run_demo(DEMO_DIR, args, sampling)
+        if not DEMO_DIR.is_dir():
+            raise LoRAError(f"no --model given and no demo run at {DEMO_DIR} (run `python train.py` first)")
+        args.model, args.adapter = str(DEMO_DIR / "base"), str(DEMO_DIR / "adapter")
+    texts = read_prompts(args.prompt_file) if args.prompt_file else [args.prompt or ""]
+    if args.prompt is not None and not args.prompt.strip():
+        raise LoRAError("empty prompt")
+    model, tokenizer = load_model(args.model, args.adapter, args.merge, args.device, args.dtype,
+                                  args.trust_remote_code)
+    common = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, batch_size=args.batch_size,
+                  chat_template=args.chat_template, fmt=args.format, bucket=args.bucket)
+    if args.prompt is not None:
+        stream = TextStream(tokenizer, sys.stdout)
+        _, timing = complete(model, tokenizer, texts, on_token=stream, **common)
+        print()
+    else:
+        replies, timing = complete(model, tokenizer, texts, progress=True, **common)
+        for text, reply in zip(texts, replies):
+            print(json.dumps({"prompt": text, "reply": reply}) if args.jsonl else one_line(reply))
+    print(timing.line(), file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    from lora import LoRAError
+    if not sys.stderr.isatty():
+        # Progress bars are for a terminal; in a log or a pipe, stderr keeps only timing and errors.
+        hf_logging.disable_progress_bar()
+    try:
+        run(args)
+    except LoRAError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""Inference around the generation loop: load a model (+ adapter), format and encode prompts,
+generate in batches, decode, stream text.
+
+    load_model(dir, adapter, merge)  -> (model, tokenizer)   safetensors weights, no remote code by default
+    format_prompt(tok, text, ...)    -> the text the model sees (plain, chat template or guanaco)
+    complete(model, tok, texts, ...) -> completions (strings) and timing
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, TextIO
+
+import torch
+import torch.nn as nn
+
+from .adapter import load_adapter
+from .errors import LoRAError
+from .generate import Generated, Sampling, context_length, generate
+from .inject import merge_lora
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FORMATS = ("plain", "guanaco")
+
+
+def _resolve_device(name: str) -> torch.device:
+    """'auto' → cuda when available, else cpu; any other name must be a device torch can use here."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise LoRAError(f"unknown device {name!r} (auto, cpu, cuda, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LoRAError("--device cuda, but no CUDA device is available")
+    return device
+
+
+def load_model(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike | None = None, merge: bool = False,
+               device: str = "cpu", dtype: str = "auto", trust_remote_code: bool = False):
+    """The causal LM and tokenizer saved in `model_dir`, with the adapter applied (and folded in
+    when `merge`), in eval mode on `device`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise LoRAError(f"{model_dir}: no such model directory")
+    if not (model_dir / "config.json").is_file():
+        raise LoRAError(f"{model_dir}: no config.json (not a saved model directory)")
+    if dtype != "auto" and dtype not in DTYPES:
+        raise LoRAError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
+    if merge and adapter_dir is None:
+        raise LoRAError("--merge needs an adapter (--adapter DIR)")
+    target = _resolve_device(device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as e:
+        raise LoRAError(f"{model_dir}: cannot load its tokenizer ({_first_line(e)})") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(model_dir), dtype=DTYPES.get(dtype, "auto"), trust_remote_code=trust_remote_code,
+            use_safetensors=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise LoRAError(f"{model_dir}: cannot load the model ({_first_line(e)})") from None
+    if adapter_dir is not None:
+        load_adapter(model, adapter_dir)
+        if merge:
+            merge_lora(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.to(target).eval(), tokenizer
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def format_prompt(tokenizer, text: str, chat_template: bool = False, fmt: str = "plain") -> str:
+    """The prompt as the model sees it: the tokenizer's chat template (one user turn, then the
+    assistant's turn opened), guanaco's `### Human: … ### Assistant:`, or the text itself."""
+    if fmt not in FORMATS:
+        raise LoRAError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if chat_template and fmt != "plain":
+        raise LoRAError("use either the chat template or --format, not both")
+    if chat_template:
+        if not getattr(tokenizer, "chat_template", None):
+            raise LoRAError("the tokenizer has no chat template (drop --chat-template, or use --format guanaco)")
+        return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+    if fmt == "guanaco":
+        return f"### Human: {text} ### Assistant:"
+    return text
+
+
+def encode(tokenizer, text: str, chat_template: bool = False, fmt: str = "plain") -> list[int]:
+    """Token ids of the formatted prompt. A chat template writes its own special tokens (BOS
+    included), so the tokenizer adds none then."""
+    if not text.strip():
+        raise LoRAError("empty prompt")
+    formatted = format_prompt(tokenizer, text, chat_template, fmt)
+    ids = tokenizer(formatted, add_special_tokens=not chat_template)["input_ids"]
+    if not ids:
+        raise LoRAError(f"prompt {text[:40]!r} encodes to no tokens")
+    return list(ids)
+
+
+def eos_ids(model: nn.Module, tokenizer) -> set[int]:
+    """Every id that ends a reply: the tokenizer's EOS and the model's generation_config EOS (Llama 3 has several)."""
+    ids = set()
+    for src in (getattr(model, "generation_config", None), getattr(model, "config", None), tokenizer):
+        value = getattr(src, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif value:
+            ids.update(int(v) for v in value)
+    return ids
+
+
+def pad_id(tokenizer, eos: set[int]) -> int:
+    """Any id works for a pad (pads are masked); prefer the tokenizer's own."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return min(eos) if eos else 0
+
+
+class TextStream:
+    """An `on_token` callback that writes the text of one row as it grows.
+
+    Decodes the whole reply each time and writes the new suffix, so a character spread over several
+    byte-level tokens is written once it is complete (a trailing U+FFFD means: not yet)."""
+
+    def __init__(self, tokenizer, out: TextIO = sys.stdout, row: int = 0):
+        self.tokenizer, self.out, self.row = tokenizer, out, row
+        self.tokens: list[int] = []
+        self.written = 0
+
+    def __call__(self, row: int, token: int) -> None:
+        if row != self.row:
+            return
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return
+        self.out.write(text[self.written:])
+        self.out.flush()
+        self.written = len(text)
+
+
+@dataclass
+class Timing:
+    """Summed over batches."""
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    decode_tokens: int = 0
+    batches: int = 0
+
+    def add(self, g: Generated) -> None:
+        self.prefill_s += g.prefill_s
+        self.decode_s += g.decode_s
+        self.prompt_tokens += g.prompt_tokens
+        self.new_tokens += g.new_tokens
+        self.decode_tokens += sum(max(len(t) - 1, 0) for t in g.tokens)
+        self.batches += 1
+
+    def line(self) -> str:
+        rate = self.decode_tokens / self.decode_s if self.decode_s > 0 else float("nan")
+        return (f"prefill {1000 * self.prefill_s:.1f} ms ({self.prompt_tokens} prompt tokens, "
+                f"{self.batches} batch{'es' if self.batches != 1 else ''}), decode {rate:.1f} tokens/s "
+                f"({self.new_tokens} new tokens)")
+
+
+def complete(model: nn.Module, tokenizer, texts: list[str], max_new_tokens: int,
+             sampling: Sampling = Sampling(), batch_size: int = 8, chat_template: bool = False,
+             fmt: str = "plain", bucket: int = 0, on_token: Callable[[int, int], None] | None = None,
+             progress: bool = False) -> tuple[list[str], Timing]:
+    """Replies to `texts` in input order, generated `batch_size` prompts at a time.
+
+    Every prompt is encoded and checked against the context before any is generated, so a bad line
+    fails fast. `bucket` > 0 pads prompt and cache to multiples of `bucket` (static shapes).
+    `on_token(row, id)` sees rows of the first batch only (meant for streaming a single prompt).
+    """
+    if batch_size < 1:
+        raise LoRAError(f"batch size must be >= 1, got {batch_size}")
+    if bucket < 0:
+        raise LoRAError(f"bucket must be >= 0 (0 = off), got {bucket}")
+    prompts = [encode(tokenizer, t, chat_template, fmt) for t in texts]
+    ctx = context_length(model)
+    for i, p in enumerate(prompts):
+        if ctx is not None and len(p) + max_new_tokens > ctx:
+            raise LoRAError(f"prompt {i + 1} ({len(p)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                            f"model's context of {ctx} tokens")
+    eos = eos_ids(model, tokenizer)
+    pad = pad_id(tokenizer, eos)
+    starts = range(0, len(prompts), batch_size)
+    bar = _progress(len(prompts)) if progress and len(starts) > 1 else None
+    replies, timing = [], Timing()
+    for n, start in enumerate(starts):
+        batch = prompts[start:start + batch_size]
+        g = generate(model, batch, max_new_tokens, eos_token_id=eos, pad_token_id=pad, sampling=sampling,
+                     pad_to_multiple=max(bucket, 1), static_cache=bucket > 0,
+                     on_token=on_token if n == 0 else None)
+        timing.add(g)
+        replies += [tokenizer.decode(t, skip_special_tokens=True) for t in g.tokens]
+        if bar is not None:
+            bar.update(len(batch))
+    if bar is not None:
+        bar.close()
+    return replies, timing
+
+
+def _progress(total: int):
+    """A tqdm bar on stderr (prompts done, rate, ETA), or a plain counting line without tqdm;
+    shown only when stderr is a terminal."""
+    try:
+        from tqdm import tqdm
+        return tqdm(total=total, unit="prompt", file=sys.stderr, disable=None)   # None: off unless a terminal
+    except ImportError:
+        return _PlainProgress(total) if sys.stderr.isatty() else None
+
+
+class _PlainProgress:
+    def __init__(self, total: int):
+        import time
+        self.total, self.done, self.t0, self.clock = total, 0, time.perf_counter(), time.perf_counter
+
+    def update(self, n: int) -> None:
+        self.done += n
+        rate = self.done / max(self.clock() - self.t0, 1e-9)
+        eta = (self.total - self.done) / rate
+        print(f"\r{self.done}/{self.total} prompts, {rate:.2f} prompt/s, ETA {eta:.0f} s", end="", file=sys.stderr)
+
+    def close(self) -> None:
+        print(file=sys.stderr)
