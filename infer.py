@@ -10,14 +10,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import secrets
 import sys
 from pathlib import Path
 
 DEMO_DIR = Path("runs/demo")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's mistakes as one `error: …` line (no usage block), exit status 2 as argparse's."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         description="Generate with a KV cache from a saved causal LM, optionally with a LoRA adapter. "
                     "Without --model it uses the demo run (runs/demo/base + runs/demo/adapter) and, "
                     "without a prompt, checks the demo's held-out task examples.")
@@ -86,6 +95,9 @@ def run(args) -> None:
     if args.jsonl and args.prompt_file is None:
         raise LoRAError("--jsonl applies to --prompt-file output only")
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
+    if not sampling.greedy and args.seed is None:
+        # A fresh seed per run, reported with the timing so that the run can be repeated.
+        sampling = Sampling(args.temperature, args.top_k, args.top_p, secrets.randbits(62))
     if args.model is None:
         if args.adapter or args.merge:
             raise LoRAError("--adapter/--merge need --model (without --model the demo run is used)")
@@ -110,7 +122,8 @@ def run(args) -> None:
         replies, timing = complete(model, tokenizer, texts, progress=True, **common)
         for text, reply in zip(texts, replies):
             print(json.dumps({"prompt": text, "reply": reply}) if args.jsonl else one_line(reply))
-    print(timing.line(), file=sys.stderr)
+    seed = f", seed {sampling.seed}" if not sampling.greedy else ""
+    print(timing.line() + seed, file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     from lora import LoRAError
+    bars = hf_logging.is_progress_bar_enabled()
     if not sys.stderr.isatty():
         # Progress bars are for a terminal; in a log or a pipe, stderr keeps only timing and errors.
         hf_logging.disable_progress_bar()
@@ -126,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     except LoRAError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     return 0
 
 

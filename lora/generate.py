@@ -195,8 +195,11 @@ def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int,
     positions = position_ids_from_mask(mask)                                     # (B, T)
     next_position = positions[:, -1:] + 1                                        # (B, 1)
     cache_kw = _cache_kwarg(model)
-    generator = None if sampling.greedy else torch.Generator().manual_seed(
-        sampling.seed if sampling.seed is not None else torch.seed())
+    generator = None
+    if not sampling.greedy:
+        # No seed: one drawn from torch's global generator, so torch.manual_seed still governs the run.
+        seed = sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
+        generator = torch.Generator().manual_seed(seed)
 
     out = Generated(tokens=[[] for _ in range(B)], stopped=[False] * B,
                     prompt_tokens=sum(len(p) for p in prompts))

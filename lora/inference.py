@@ -181,7 +181,8 @@ def complete(model: nn.Module, tokenizer, texts: list[str], max_new_tokens: int,
     """Replies to `texts` in input order, generated `batch_size` prompts at a time.
 
     Every prompt is encoded and checked against the context before any is generated, so a bad line
-    fails fast. `bucket` > 0 pads prompt and cache to multiples of `bucket` (static shapes).
+    fails fast. `bucket` > 0 pads prompt and cache to multiples of `bucket`, and a short last batch
+    to `batch_size` rows (static shapes).
     `on_token(row, id)` sees rows of the first batch only (meant for streaming a single prompt).
     """
     if batch_size < 1:
@@ -201,9 +202,16 @@ def complete(model: nn.Module, tokenizer, texts: list[str], max_new_tokens: int,
     replies, timing = [], Timing()
     for n, start in enumerate(starts):
         batch = prompts[start:start + batch_size]
+        real = len(batch)
+        if bucket and len(starts) > 1:
+            # Static shapes: a short last batch is filled up with copies of its first prompt (their
+            # replies are dropped) so that it runs the same compiled graphs as the others.
+            batch = batch + [batch[0]] * (batch_size - real)
         g = generate(model, batch, max_new_tokens, eos_token_id=eos, pad_token_id=pad, sampling=sampling,
                      pad_to_multiple=max(bucket, 1), static_cache=bucket > 0,
                      on_token=on_token if n == 0 else None)
+        g.tokens, g.stopped = g.tokens[:real], g.stopped[:real]
+        g.prompt_tokens = sum(len(p) for p in batch[:real])
         timing.add(g)
         replies += [tokenizer.decode(t, skip_special_tokens=True) for t in g.tokens]
         if bar is not None:

@@ -235,6 +235,7 @@ def test_cli_missing_model_is_one_line_error(tmp_path):
     ("blank_line", "p.txt:2: empty prompt"),
     ("no_template", "no chat template"),
     ("top_k_greedy", "temperature > 0"),
+    ("bad_flag_value", "invalid int value"),
 ])
 def test_cli_bad_input_is_one_line_error(dirs, tmp_path, capsys, case, needle):
     (tmp_path / "p.txt").write_text("ok\n\nfine\n")
@@ -246,7 +247,12 @@ def test_cli_bad_input_is_one_line_error(dirs, tmp_path, capsys, case, needle):
         "blank_line": base + ["--prompt-file", str(tmp_path / "p.txt")],
         "no_template": base + ["--prompt", "hi", "--chat-template"],
         "top_k_greedy": base + ["--prompt", "hi", "--top-k", "3"],
+        "bad_flag_value": base + ["--prompt", "hi", "--max-new-tokens", "many"],
     }[case]
-    assert infer.main(argv) == 2
+    try:
+        status = infer.main(argv)
+    except SystemExit as e:          # argparse's own errors exit from parse_args
+        status = e.code
+    assert status == 2
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1 and err.startswith("error: ") and needle in err
