@@ -101,11 +101,11 @@ def run(args) -> None:
     if args.model is None:
         if args.adapter or args.merge:
             raise LoRAError("--adapter/--merge need --model (without --model the demo run is used)")
+        if not (DEMO_DIR / "base").is_dir() or not (DEMO_DIR / "adapter").is_dir():
+            raise LoRAError(f"no --model given and no demo run at {DEMO_DIR} (run `python train.py` first)")
         if args.prompt is None and args.prompt_file is None:
             from lora.infer_demo import run_demo
             return run_demo(DEMO_DIR, args, sampling)
-        if not DEMO_DIR.is_dir():
-            raise LoRAError(f"no --model given and no demo run at {DEMO_DIR} (run `python train.py` first)")
         args.model, args.adapter = str(DEMO_DIR / "base"), str(DEMO_DIR / "adapter")
     texts = read_prompts(args.prompt_file) if args.prompt_file else [args.prompt or ""]
     if args.prompt is not None and not args.prompt.strip():
