@@ -5,6 +5,8 @@ imports, the plain autograd Function everywhere else (CPU, HPU, CUDA without Tri
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .functional import lora_linear_torch
@@ -32,25 +34,34 @@ def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
     return None
 
 
-def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float) -> torch.Tensor:
-    """y = x Wᵀ + b + scaling · (dropout(x) Aᵀ) Bᵀ, with autocast honoured like `nn.Linear` does."""
-    dtype = _compute_dtype(x, weight)
+def _cast(x, weight, bias, lora_A, lora_B, dtype):
+    """Inputs in the compute dtype: autocast's when on, else x's (an fp32 adapter on a bf16 model)."""
     if dtype is not None:
         x, weight = x.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
-        lora_A, lora_B = lora_A.to(dtype), lora_B.to(dtype)
-        with torch.autocast(x.device.type, enabled=False):
-            return _dispatch(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
-    if lora_A.dtype != x.dtype:
-        lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
-    return _dispatch(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    return x, weight, bias, lora_A.to(x.dtype), lora_B.to(x.dtype)
 
 
-def _dispatch(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
-    if _BACKEND == "triton" or (_BACKEND == "auto" and x.is_cuda and _triton_available()):
-        from .kernels import lora_linear as lora_linear_triton
-        return lora_linear_triton(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
-    return lora_linear_torch(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+def uses_triton(x: torch.Tensor) -> bool:
+    return _BACKEND == "triton" or (_BACKEND == "auto" and x.is_cuda and _triton_available())
+
+
+def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float) -> torch.Tensor:
+    """y = x Wᵀ + b + scaling · (dropout(x) Aᵀ) Bᵀ, with autocast honoured like `nn.Linear` does."""
+    dtype = _compute_dtype(x, weight)
+    args = _cast(x, weight, bias, lora_A, lora_B, dtype)
+    with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
+        if uses_triton(x):
+            from .kernels import lora_linear as lora_linear_triton
+            return lora_linear_triton(*args, scaling, dropout_p)
+        return lora_linear_torch(*args, scaling, dropout_p)
+
+
+def grouped_lora_linear(group, member, x: torch.Tensor) -> torch.Tensor:
+    """`member`'s output through its shared-input group (plain PyTorch path; see lora/group.py)."""
+    dtype = _compute_dtype(x, member.weight)
+    with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
+        return group.forward(member, x, lambda *t: _cast(*t, dtype))
 
 
 _TRITON_OK: bool | None = None

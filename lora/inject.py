@@ -15,7 +15,11 @@ import torch.nn as nn
 
 from .config import LoRAConfig
 from .errors import LoRAError
+from .group import SharedInputGroup
 from .layer import LoRALinear
+
+# Sibling projections that Llama/Mistral/Qwen2 call one after the other on the same input.
+SHARED_INPUT_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -87,8 +91,12 @@ def select_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
     return chosen
 
 
-def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
-    """Replace the matching nn.Linear modules by LoRALinear in place; freeze everything else."""
+def apply_lora(model: nn.Module, config: LoRAConfig, group_shared_inputs: bool = True) -> nn.Module:
+    """Replace the matching nn.Linear modules by LoRALinear in place; freeze everything else.
+
+    With `group_shared_inputs`, adapted q/k/v (and gate/up) siblings share one shrink of their common
+    input on the plain PyTorch path (lora/group.py); results are the same up to float rounding.
+    """
     if lora_layers(model):
         raise LoRAError("model already has LoRA layers; apply_lora once per model")
     chosen = set(select_targets(model, config))
@@ -105,10 +113,23 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
                 walk(child, name + ".")
 
     walk(model, "")
+    if group_shared_inputs:
+        group_siblings(model)
     for name, p in model.named_parameters():
         p.requires_grad_(name.endswith(".lora_A") or name.endswith(".lora_B"))
     model.lora_config = config
     return model
+
+
+def group_siblings(model: nn.Module) -> None:
+    """Link adapted siblings that read the same input (q/k/v; gate/up) into a SharedInputGroup."""
+    for parent in model.modules():
+        for names in SHARED_INPUT_SIBLINGS:
+            members = [getattr(parent, n) for n in names if isinstance(getattr(parent, n, None), LoRALinear)]
+            if len(members) >= 2:
+                group = SharedInputGroup(members)
+                for m in members:
+                    m.group = group
 
 
 def merge_lora(model: nn.Module) -> nn.Module:

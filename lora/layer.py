@@ -44,6 +44,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, dtype=dtype, device=device))  # (out, r)
         self.merged = False
         self.disabled = False
+        self.group = None       # a SharedInputGroup when siblings read the same input (lora/group.py)
         self.reset_lora_parameters(init_lora_weights)
 
     @torch.no_grad()
@@ -67,6 +68,8 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or self.disabled:
             return F.linear(x, self.weight, self.bias)
+        if self.group is not None and self.group.active() and not backend.uses_triton(x):
+            return backend.grouped_lora_linear(self.group, self, x)
         p = self.lora_dropout if self.training else 0.0
         return backend.lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, p)
 

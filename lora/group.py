@@ -1,0 +1,124 @@
+"""Projections that read the same input share one shrink: q/k/v, and gate/up.
+
+For members i = 1..n with the same input x:
+
+    S   = dropout(x) [A_1; …; A_n]ᵀ                         (M, Σr)   one GEMM reads x once
+    y_i = x W_iᵀ + b_i + s_i · S[:, i] B_iᵀ                  (M, out_i)  addmm_ epilogue, as in functional.py
+    dX  = Σ_i dY_i W_i + (dS [A_1; …; A_n]) ⊙ mask           one buffer, every term accumulated in place
+    dA  = dSᵀ dropout(x)  (Σr, in), split per member;  dB_i = s_i · dY_iᵀ S[:, i]
+
+Compared with one op per projection this reads x once instead of n times (forward shrink and dA),
+regenerates one dropout mask instead of n, and sums the input gradient of all members in one buffer
+with BLAS's beta=1 instead of n buffers added by autograd. The members share the dropout mask (PEFT
+draws one per projection; each branch still sees dropout(p)).
+
+How it is triggered without touching the model code: Llama/Mistral/Qwen2 call q_proj(h), k_proj(h),
+v_proj(h) (and gate_proj(x), up_proj(x)) one after the other on the same tensor. The first member
+called computes every member's output and keeps the others' until they are called with that same
+tensor (same object, same version, same grad/autocast mode). Any other call pattern falls back to
+each member computing its own output, so correctness never depends on the call order.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .functional import dropout_scale, new_seed
+
+
+class GroupedLoRAFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dropout_p: float, seed: int, scalings: tuple, *params):
+        n = len(scalings)
+        Ws, bs, As, Bs = params[0:n], params[n:2 * n], params[2 * n:3 * n], params[3 * n:4 * n]
+        in_features = x.shape[-1]
+        ranks = [A.shape[0] for A in As]
+        A_cat = torch.cat(As)                                            # (Σr, in)
+        x2 = x.reshape(-1, in_features)                                  # (M, in)
+        xd = x2 * dropout_scale(x2, dropout_p, seed) if dropout_p > 0 else x2
+        S = xd @ A_cat.t()                                               # (M, Σr)
+        outs, off = [], 0
+        for W, b, B, s, r in zip(Ws, bs, Bs, scalings, ranks):
+            y = F.linear(x, W, b)                                        # (..., out_i): the base, bit for bit
+            y.view(-1, W.shape[0]).addmm_(S[:, off:off + r], B.t(), alpha=s)
+            outs.append(y)
+            off += r
+        ctx.save_for_backward(x, S, A_cat, *Ws, *Bs)
+        ctx.n, ctx.ranks, ctx.scalings, ctx.dropout_p, ctx.seed = n, ranks, scalings, dropout_p, seed
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *dYs):
+        n, ranks, scalings, p = ctx.n, ctx.ranks, ctx.scalings, ctx.dropout_p
+        x, S, A_cat, *rest = ctx.saved_tensors
+        Ws, Bs = rest[:n], rest[n:]
+        in_features = x.shape[-1]
+        dY2 = [dY.reshape(-1, W.shape[0]) for dY, W in zip(dYs, Ws)]     # (M, out_i)
+        dS = torch.cat([torch.mm(d, B).mul_(s) for d, B, s in zip(dY2, Bs, scalings)], dim=1)   # (M, Σr)
+        needs = ctx.needs_input_grad
+        need_x = needs[0]
+        need_A = any(needs[4 + 2 * n: 4 + 3 * n])
+        need_B = needs[4 + 3 * n: 4 + 4 * n]
+        mask = dropout_scale(x.reshape(-1, in_features), p, ctx.seed) if p > 0 and (need_x or need_A) else None
+        dBs, off = [], 0
+        for d, r, s, need in zip(dY2, ranks, scalings, need_B):
+            dBs.append(torch.mm(d.t(), S[:, off:off + r]).mul_(s) if need else None)   # (out_i, r_i)
+            off += r
+        dAs = [None] * n
+        if need_A:
+            x2 = x.reshape(-1, in_features)
+            dAs = list(torch.mm(dS.t(), x2 * mask if mask is not None else x2).split(ranks))   # (r_i, in)
+        dX = None
+        if need_x:
+            dX = torch.mm(dY2[0], Ws[0])                                 # (M, in)
+            for d, W in zip(dY2[1:], Ws[1:]):
+                dX.addmm_(d, W)                                          # Σ_i dY_i W_i in one buffer
+            if mask is None:
+                dX.addmm_(dS, A_cat)
+            else:
+                dX.addcmul_(torch.mm(dS, A_cat), mask)
+            dX = dX.view(x.shape)
+        return (dX, None, None, None, *([None] * (2 * n)), *dAs, *dBs)
+
+
+class SharedInputGroup:
+    """Members (LoRALinear) known to be called on the same input, in order. Not an nn.Module: it holds
+    no parameters and never appears in state dicts."""
+
+    def __init__(self, members):
+        self.members = list(members)
+        self._pending: dict[int, torch.Tensor] = {}
+        self._pending_input: torch.Tensor | None = None
+        self._pending_key: tuple | None = None
+
+    def _key(self, x: torch.Tensor) -> tuple:
+        dev = x.device.type
+        return (x._version, torch.is_grad_enabled(), torch.is_autocast_enabled(dev),
+                tuple((m.lora_A._version, m.lora_B._version, m.weight._version, m.training) for m in self.members))
+
+    def active(self) -> bool:
+        return all(not (m.merged or m.disabled) for m in self.members)
+
+    def forward(self, member, x: torch.Tensor, cast) -> torch.Tensor:
+        """`member`'s output for `x`; `cast` maps (x, W, b, A, B) to the compute dtype (see backend)."""
+        i = self.members.index(member)
+        if x is self._pending_input and i in self._pending and self._key(x) == self._pending_key:
+            out = self._pending.pop(i)
+            if not self._pending:
+                self._pending_input = self._pending_key = None
+            return out
+        key = self._key(x)
+        p = member.lora_dropout if member.training else 0.0
+        xs, Ws, bs, As, Bs = None, [], [], [], []
+        for m in self.members:
+            xs, W, b, A, B = cast(x, m.weight, m.bias, m.lora_A, m.lora_B)
+            Ws.append(W); bs.append(b); As.append(A); Bs.append(B)
+        seed = new_seed() if p > 0 else 0
+        outs = GroupedLoRAFunction.apply(xs, p, seed, tuple(float(m.scaling) for m in self.members),
+                                         *Ws, *bs, *As, *Bs)
+        self._pending = {j: o for j, o in enumerate(outs) if j != i}
+        self._pending_input, self._pending_key = x, key
+        return outs[i]
+
+    def clear(self) -> None:
+        self._pending, self._pending_input, self._pending_key = {}, None, None
