@@ -1,0 +1,253 @@
+"""One LoRA training step against its floor: the frozen base's forward + input-gradient backward.
+
+Three providers on the same model and batch, timed in alternating rounds in one process:
+  floor  the frozen base model: forward, loss, backward to the input embeddings (no weight grads)
+  peft   PEFT's LoRA (when peft is installed) + AdamW step on the adapter
+  ours   lora.apply_lora + AdamW step on the adapter (q/k/v and gate/up share one shrink)
+  ours-ungrouped  the same with one op per projection (--providers floor,ours,ours-ungrouped)
+Peak memory is measured per provider in a fresh subprocess (peak RSS, and the step's growth above the
+resident model). Writes bench/results/train-<device>.json and prints a markdown table.
+
+    python bench/bench_train.py                  # the CPU config of the issue: 6 x 1024, GQA 16/4, seq 256, batch 4, r=16
+    python bench/bench_train.py --dropout 0.05
+    python bench/bench_train.py --preset llama-1b --dtype bf16   # on a GPU
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = {
+    # the issue's CPU config
+    "cpu-6x1024": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=6, num_attention_heads=16,
+                       num_key_value_heads=4, vocab_size=32000),
+    # Llama-3.2-1B-shaped (GPU)
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256),
+    # Llama-3-8B-shaped (GPU)
+    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256),
+}
+PROVIDERS = ("floor", "peft", "ours")   # also available: "ours-ungrouped" (one op per projection)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="cpu-6x1024", choices=PRESETS, help="model shape (default: the issue's CPU config)")
+    p.add_argument("--layers", type=int, help="override the preset's number of layers")
+    p.add_argument("--batch", type=int, default=4, help="sequences per step (default 4)")
+    p.add_argument("--seq", type=int, default=256, help="tokens per sequence (default 256)")
+    p.add_argument("--r", type=int, default=16, help="LoRA rank on all seven projections (default 16)")
+    p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (default 0)")
+    p.add_argument("--dtype", default="fp32", choices=DTYPES, help="model dtype (bf16 on GPU: weights bf16, adapter fp32)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per provider (default 5)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per provider first (default 2)")
+    p.add_argument("--providers", default=",".join(PROVIDERS), help="comma list of floor,peft,ours,ours-ungrouped")
+    p.add_argument("--no-memory", action="store_true", help="skip the per-provider peak-memory subprocesses")
+    p.add_argument("--out", default=None, help="JSON path (default bench/results/train-<device>[-dropout].json)")
+    p.add_argument("--_memory-child", dest="memory_child", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def build_base(args):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    shape = dict(PRESETS[args.preset])
+    if args.layers:
+        shape["num_hidden_layers"] = args.layers
+    cfg = LlamaConfig(**shape, max_position_embeddings=max(2048, args.seq))
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        model = LlamaForCausalLM(cfg).to(DTYPES[args.dtype])
+    model.requires_grad_(False)
+    return model
+
+
+def make_provider(name, base, args):
+    """(model, optimizer or None) for one provider; the base weights are copied, never shared."""
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = copy.deepcopy(base)
+    if name == "floor":
+        return model, None
+    if name == "peft":
+        import peft
+        model = peft.get_peft_model(model, peft.LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=args.dropout,
+                                                           target_modules=targets, task_type="CAUSAL_LM"))
+    else:
+        import lora
+        lora.apply_lora(model, lora.LoRAConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=args.dropout,
+                                               target_modules=targets), group_shared_inputs=name == "ours")
+    params = [p for p in model.parameters() if p.requires_grad]
+    with torch.no_grad():     # a non-zero B so the LoRA branch is real work
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.01)
+    return model, torch.optim.AdamW(params, lr=1e-4)
+
+
+def make_batch(base, args):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, base.config.vocab_size, (args.batch, args.seq), generator=g).to(args.device)
+    return ids
+
+
+def step(model, opt, ids, args):
+    """One training step. The floor runs the same forward + backward with every weight frozen; its
+    input embeddings require grad so the backward reaches every layer (input gradients only)."""
+    model.train()
+    emb = model.get_input_embeddings()(ids)
+    if opt is None:
+        emb = emb.detach().requires_grad_()
+    autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.dtype == "bf16" and args.device != "cpu")
+    with autocast:
+        loss = model(inputs_embeds=emb, labels=ids).loss
+    loss.backward()
+    if opt is not None:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return loss
+
+
+def sync(args):
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_providers(args, names):
+    base = build_base(args)
+    ids = make_batch(base, args)
+    models = {n: make_provider(n, base, args) for n in names}
+    del base
+    times = {n: [] for n in names}
+    for _ in range(args.warmup):
+        for n in names:
+            step(*models[n], ids, args)
+    sync(args)
+    for _ in range(args.steps):                    # alternate so drift hits every provider alike
+        for n in names:
+            sync(args)
+            t0 = time.perf_counter()
+            step(*models[n], ids, args)
+            sync(args)
+            times[n].append(time.perf_counter() - t0)
+    return times, models
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def memory_child(args, name):
+    """Runs in a subprocess: peak RSS of `name`'s steps, and the growth above the resident model."""
+    base = build_base(args)
+    ids = make_batch(base, args)
+    model, opt = make_provider(name, base, args)
+    del base
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated() / 2**20
+        for _ in range(2):
+            step(model, opt, ids, args)
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        before = rss_mb()
+        for _ in range(2):
+            step(model, opt, ids, args)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"peak_mb": peak, "step_mb": peak - before}))
+
+
+def measure_memory(args, name, argv):
+    # The child rebuilds only this provider: the copy that make_provider deep-copies is freed first.
+    r = subprocess.run([sys.executable, __file__, *argv, "--_memory-child", name], capture_output=True, text=True,
+                       cwd=ROOT)
+    if r.returncode != 0:
+        raise RuntimeError(f"memory run of {name} failed: {r.stderr[-500:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.memory_child:
+        return memory_child(args, args.memory_child)
+    names = [n for n in args.providers.split(",") if n]
+    if "peft" in names:
+        try:
+            import peft  # noqa: F401
+        except ImportError:
+            print("peft not installed: skipping the peft provider", file=sys.stderr)
+            names.remove("peft")
+    if args.device == "cpu":
+        device_name = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    else:
+        device_name = torch.cuda.get_device_name()
+    times, models = time_providers(args, names)
+    tokens = args.batch * args.seq
+    rows = []
+    for n in names:
+        med = statistics.median(times[n])
+        rows.append(dict(provider=n, step_s=med, tokens_per_s=tokens / med, steps=times[n]))
+    floor = next((r["step_s"] for r in rows if r["provider"] == "floor"), None)
+    peft_s = next((r["step_s"] for r in rows if r["provider"] == "peft"), None)
+    n_params = sum(p.numel() for p in models[names[0]][0].parameters() if not p.requires_grad)
+    for r in rows:
+        r["ratio_to_floor"] = r["step_s"] / floor if floor else None
+        r["speedup_vs_peft"] = peft_s / r["step_s"] if peft_s else None
+        if args.device.startswith("cuda"):      # MFU: 6·N·tokens for the base fwd+bwd would count dW;
+            flops = 4 * n_params * tokens       # the frozen base needs fwd (2N) + input grads (2N) per token
+            r["mfu"] = flops / r["step_s"] / PEAK_TFLOPS.get(args.dtype, 1) / 1e12
+    del models
+    if not args.no_memory:
+        for r in rows:
+            r.update(measure_memory(args, r["provider"], argv))
+        floor_mem = next((r["peak_mb"] for r in rows if r["provider"] == "floor"), None)
+        peft_mem = next((r for r in rows if r["provider"] == "peft"), None)
+        for r in rows:
+            r["peak_vs_floor"] = r["peak_mb"] / floor_mem if floor_mem else None
+            r["peak_vs_peft"] = r["peak_mb"] / peft_mem["peak_mb"] if peft_mem else None
+            r["step_mem_vs_peft"] = r["step_mb"] / peft_mem["step_mb"] if peft_mem else None
+    result = dict(device=device_name, config=dict(vars(args), memory_child=None), tokens_per_step=tokens,
+                  torch=torch.__version__, results=rows)
+    tag = "cpu" if args.device == "cpu" else torch.cuda.get_device_name().replace(" ", "-")
+    out = Path(args.out or ROOT / "bench" / "results" / f"train-{tag}{'-dropout' if args.dropout else ''}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(table(result))
+    print(f"\nwrote {out}")
+
+
+PEAK_TFLOPS = {"bf16": 989.0, "fp32": 494.0}   # H100 SXM dense tensor-core peaks (fp32 = TF32)
+
+
+def table(result) -> str:
+    c = result["config"]
+    lines = [f"{result['device']} · preset {c['preset']}{' layers=' + str(c['layers']) if c['layers'] else ''} · "
+             f"batch {c['batch']} × seq {c['seq']} · r={c['r']} · dropout {c['dropout']} · {c['dtype']} · "
+             f"median of {c['steps']} alternating steps",
+             "", "| provider | step (s) | tokens/s | × floor | PEFT ÷ this | peak RSS (MB) | step memory (MB) | step mem ÷ PEFT's |",
+             "|---|---|---|---|---|---|---|---|"]
+    f = lambda v, fmt: "–" if v is None else format(v, fmt)
+    for r in result["results"]:
+        lines.append(f"| {r['provider']} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {f(r['ratio_to_floor'], '.3f')} | "
+                     f"{f(r['speedup_vs_peft'], '.3f')} | {f(r.get('peak_mb'), '.0f')} | {f(r.get('step_mb'), '.0f')} | "
+                     f"{f(r.get('step_mem_vs_peft'), '.2f')} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
