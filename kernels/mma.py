@@ -12,5 +12,7 @@ import triton.language as tl
 def mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """acc + a @ b. a: (P, Q), b: (Q, T) of one dtype, acc: (P, T) fp32."""
     if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return out

@@ -264,3 +264,27 @@ def test_lora_linear_layer_triton_backend_matches_plain_path():
 def test_package_contract():
     assert lora.kernels.AVAILABLE is True
     assert not hasattr(lora.kernels, "__version__")
+
+
+def test_bench_quick_writes_records(tmp_path):
+    """bench/bench_kernels.py --quick (CPU, plain-PyTorch providers) runs and writes the record schema."""
+    import json
+    import subprocess
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "q.json"
+    cmd = [sys.executable, str(root / "bench" / "bench_kernels.py"), "--quick", "--shapes", "k_proj",
+           "--M", "1,16", "--r", "8", "--reps", "2", "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    records = json.loads(out.read_text())
+    assert len(records) == 2 * 3
+    for rec in records:
+        assert tuple(rec) == ("device", "shape_name", "M", "N", "K", "r", "dtype", "provider", "fwd_ms",
+                              "fwd_bwd_ms")
+        assert rec["device"] == "cpu" and rec["shape_name"] == "k_proj" and (rec["K"], rec["N"]) == (512, 128)
+        assert rec["fwd_ms"] > 0 and rec["fwd_bwd_ms"] > 0
+    assert {rec["provider"] for rec in records} == {"base", "peft_style", "torch_op"}
+    assert "| k_proj | 16 |" in out.with_suffix(".md").read_text()
+    bad = subprocess.run(cmd[:2] + ["--quick", "--shapes", "nope"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --shapes") and "Traceback" not in bad.stderr
