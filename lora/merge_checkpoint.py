@@ -20,6 +20,7 @@ directory beside `out_dir` (lora.atomic.atomic_dir) that is renamed into place a
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from .adapter import CONFIG_NAME, PREFIX, WEIGHTS_NAME, read_adapter_config, read_adapter_tensors
+from .adapter import PREFIX, WEIGHTS_NAME, read_adapter_config
 from .atomic import atomic_dir
 from .errors import LoRAError
 
@@ -158,7 +159,7 @@ def _read_checkpoint(base_dir: Path) -> tuple[list[_Shard], dict | None]:
 
 # -- planning the merge -------------------------------------------------------------------------
 @dataclass
-class _Update:
+class _Term:
     """One adapter's low-rank update of one weight: weight · scaling · B @ A."""
     lora_A: torch.Tensor      # (r, in)
     lora_B: torch.Tensor      # (out, r)
@@ -166,21 +167,47 @@ class _Update:
     weight: float
 
 
+@dataclass
+class _Update:
+    """Where a _Term's tensors live: read from the adapter file only when their weight is merged, so
+    the adapter (which grows with the layers, too) is never held whole."""
+    path: Path
+    lora_A: _Entry
+    lora_B: _Entry
+    scaling: float
+    weight: float
+
+    def load(self, fd: int) -> _Term:
+        A, B = (_pread_exact(fd, e.nbytes, e.begin, self.path).view(_DTYPES[e.dtype][1]).reshape(e.shape)
+                for e in (self.lora_A, self.lora_B))
+        return _Term(A, B, self.scaling, self.weight)
+
+
 _KEY = re.compile(rf"^{re.escape(PREFIX)}(.+)\.lora_([AB])\.weight$")
+
+
+def _adapter_file(adapter_dir: Path) -> Path:
+    path = adapter_dir / WEIGHTS_NAME
+    if not path.is_file():
+        if (adapter_dir / "adapter_model.bin").is_file():
+            raise LoRAError(f"{adapter_dir}: only adapter_model.bin (pickle) found; we read safetensors only")
+        raise LoRAError(f"{adapter_dir}: no {WEIGHTS_NAME}")
+    return path
 
 
 def _plan_updates(adapter_dirs: list[Path], weights: list[float],
                   base: dict[str, _Entry]) -> dict[str, list[_Update]]:
-    """{checkpoint tensor name: updates in adapter order}; every mismatch is a one-line LoRAError."""
+    """{checkpoint tensor name: updates in adapter order}; every mismatch is a one-line LoRAError.
+    Only headers are read here: shapes and dtypes are checked before any tensor is."""
     plan: dict[str, list[_Update]] = {}
     for adapter_dir, w in zip(adapter_dirs, weights):
         config = read_adapter_config(adapter_dir)
-        tensors = read_adapter_tensors(adapter_dir)
-        pairs: dict[str, dict[str, torch.Tensor]] = {}
-        for key, t in tensors.items():
-            m = _KEY.match(key)
+        path = _adapter_file(adapter_dir)
+        pairs: dict[str, dict[str, _Entry]] = {}
+        for t in sorted(_read_shard_header(path).entries, key=lambda t: t.name):
+            m = _KEY.match(t.name)
             if m is None:
-                raise LoRAError(f"{adapter_dir}: unexpected key {key} (expected {PREFIX}<module>.lora_A/B.weight)")
+                raise LoRAError(f"{adapter_dir}: unexpected key {t.name} (expected {PREFIX}<module>.lora_A/B.weight)")
             pairs.setdefault(m.group(1), {})[m.group(2)] = t
         if not pairs:
             raise LoRAError(f"{adapter_dir}: {WEIGHTS_NAME} holds no LoRA tensors")
@@ -193,41 +220,64 @@ def _plan_updates(adapter_dirs: list[Path], weights: list[float],
                 raise LoRAError(f"{adapter_dir}: target module {module} is not in the base checkpoint "
                                 f"(no tensor {module}.weight)")
             lora_A, lora_B = ab["A"], ab["B"]
-            key_A, key_B = f"{PREFIX}{module}.lora_A.weight", f"{PREFIX}{module}.lora_B.weight"
-            for key, t in ((key_A, lora_A), (key_B, lora_B)):
-                if not t.is_floating_point() or t.dim() != 2:
-                    raise LoRAError(f"{adapter_dir}: {key} must be a 2-D float tensor, got {t.dtype} {tuple(t.shape)}")
+            for t in (lora_A, lora_B):
+                if t.dtype not in _FLOAT_NAMES or len(t.shape) != 2:
+                    raise LoRAError(f"{adapter_dir}: {t.name} must be a 2-D float tensor, got {t.dtype} {t.shape}")
             if target.dtype not in _FLOAT_NAMES or len(target.shape) != 2:
                 raise LoRAError(f"{adapter_dir}: base tensor {target.name} is {target.dtype} {target.shape}; "
                                 f"only 2-D F32/F16/BF16/F64 weights can be merged into")
             out_f, in_f = target.shape
             r = config.rank_for(module)
-            if tuple(lora_A.shape) != (r, in_f):
-                raise LoRAError(f"{adapter_dir}: {key_A} has shape {tuple(lora_A.shape)} but base weight "
+            if lora_A.shape != (r, in_f):
+                raise LoRAError(f"{adapter_dir}: {lora_A.name} has shape {lora_A.shape} but base weight "
                                 f"{target.name} has shape {target.shape} (needs ({r}, {in_f}) at r={r})")
-            if tuple(lora_B.shape) != (out_f, r):
-                raise LoRAError(f"{adapter_dir}: {key_B} has shape {tuple(lora_B.shape)} but base weight "
+            if lora_B.shape != (out_f, r):
+                raise LoRAError(f"{adapter_dir}: {lora_B.name} has shape {lora_B.shape} but base weight "
                                 f"{target.name} has shape {target.shape} (needs ({out_f}, {r}) at r={r})")
-            plan.setdefault(target.name, []).append(
-                _Update(lora_A, lora_B, config.scaling_for(module), w))
+            plan.setdefault(target.name, []).append(_Update(path, lora_A, lora_B, config.scaling_for(module), w))
     return plan
 
 
-def merged_weight(W: torch.Tensor, updates: list[_Update], out_dtype: torch.dtype) -> torch.Tensor:
+class _Workspace:
+    """Buffers reused from one merged weight to the next: the sizes repeat layer after layer, and a
+    fresh (out, in) allocation each time costs page faults (mmap'd by the allocator) on every tensor."""
+
+    def __init__(self):
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, key: str, shape, dtype: torch.dtype) -> torch.Tensor:
+        n = math.prod(shape)
+        buf = self.buffers.get(key)
+        if buf is None or buf.dtype != dtype or buf.numel() < n:
+            self.buffers.pop(key, None)
+            self.buffers[key] = buf = torch.empty(n, dtype=dtype)
+        return buf[:n].view(shape)
+
+
+def merged_weight(W: torch.Tensor, terms: list[_Term], out_dtype: torch.dtype,
+                  ws: _Workspace | None = None) -> torch.Tensor:
     """round_to(out_dtype)( fp32(W) + Σ w·(s·B@A) ): the deltas summed in fp32, in adapter order, one rounding.
 
-    W: (out, in) in any float dtype. Writing `delta += W` instead of `fp32(W) + delta` is the same
-    IEEE sum (W's upcast is exact, addition commutes) without an fp32 copy of W.
+    W: (out, in) in any float dtype. `delta += fp32(W)` is the same IEEE sum as `fp32(W) + delta`
+    (the upcast is exact, addition commutes); in-place ops and `copy_` into a buffer give the same bits
+    as their allocating forms. The result may live in `ws` (valid until its next use).
     """
-    delta = None
-    for u in updates:
-        d = (u.lora_B.float() @ u.lora_A.float()) * u.scaling            # (out, in) fp32
+    ws = ws or _Workspace()
+    delta = ws.get("delta", W.shape, torch.float32)                             # (out, in) fp32
+    for i, u in enumerate(terms):
+        prod = delta if i == 0 else ws.get("term", W.shape, torch.float32)
+        torch.matmul(u.lora_B.float(), u.lora_A.float(), out=prod).mul_(u.scaling)   # (out, r) @ (r, in)
         if u.weight != 1.0:
-            d = d * u.weight
-        delta = d if delta is None else delta.add_(d)
+            prod.mul_(u.weight)
+        if i:
+            delta.add_(prod)
     if W.dtype == torch.float64:                 # keep an fp64 base in fp64 (no precision lost)
         return (W + delta.double()).to(out_dtype)
-    return delta.add_(W).to(out_dtype)
+    # A same-dtype add after an explicit upcast is several times faster than a mixed-dtype add_.
+    delta.add_(W if W.dtype == torch.float32 else ws.get("w32", W.shape, torch.float32).copy_(W))
+    if out_dtype == torch.float32:
+        return delta
+    return ws.get("out", W.shape, out_dtype).copy_(delta)                       # the one rounding (RNE)
 
 
 # -- writing ------------------------------------------------------------------------------------
@@ -267,8 +317,9 @@ class _Progress:
             self.bar.close()
 
 
-def _pread_exact(fd: int, n: int, offset: int, path: Path) -> torch.Tensor:
-    buf = torch.empty(n, dtype=torch.uint8)
+def _pread_exact(fd: int, n: int, offset: int, path: Path, buf: torch.Tensor | None = None) -> torch.Tensor:
+    """n bytes at `offset` as a uint8 tensor (into `buf`, a uint8 tensor of n bytes, when given)."""
+    buf = torch.empty(n, dtype=torch.uint8) if buf is None else buf
     view, got = memoryview(buf.numpy()), 0
     while got < n:
         k = os.preadv(fd, [view[got:]], offset + got)
@@ -318,8 +369,8 @@ def _shard_header(shard: _Shard, dtype: str | None) -> tuple[bytes, int]:
     return len(raw).to_bytes(8, "little") + raw, offset
 
 
-def _write_shard(shard: _Shard, out_path: Path, plan: dict[str, list[_Update]], dtype: str | None,
-                 progress: _Progress, hold) -> None:
+def _write_shard(shard: _Shard, out_path: Path, plan: dict[str, list[_Update]], adapter_fds: dict[Path, int],
+                 dtype: str | None, progress: _Progress, hold, ws: _Workspace) -> None:
     header, _ = _shard_header(shard, dtype)
     src = os.open(shard.path, os.O_RDONLY)
     try:
@@ -329,17 +380,21 @@ def _write_shard(shard: _Shard, out_path: Path, plan: dict[str, list[_Update]], 
             for t in shard.entries:
                 out = _out_dtype(t, dtype)
                 if t.name in plan:
-                    W = _pread_exact(src, t.nbytes, t.begin, shard.path).view(_DTYPES[t.dtype][1]).reshape(t.shape)
-                    merged = merged_weight(W, plan[t.name], _DTYPES[out][1])
+                    raw = _pread_exact(src, t.nbytes, t.begin, shard.path, ws.get("W", (t.nbytes,), torch.uint8))
+                    W = raw.view(_DTYPES[t.dtype][1]).view(t.shape)
+                    terms = [u.load(adapter_fds[u.path]) for u in plan[t.name]]
+                    merged = merged_weight(W, terms, _DTYPES[out][1], ws)
                     _write_all(dst, merged)
-                    del W, merged
+                    del W, terms, merged
                     progress.advance(t.nbytes, True)
                 elif out != t.dtype:               # --dtype: convert element-wise, chunk by chunk
                     size, src_dt, out_dt = _DTYPES[t.dtype][0], _DTYPES[t.dtype][1], _DTYPES[out][1]
                     step = _COPY_CHUNK // size * size
                     for off in range(0, t.nbytes, step):
                         n = min(step, t.nbytes - off)
-                        _write_all(dst, _pread_exact(src, n, t.begin + off, shard.path).view(src_dt).to(out_dt))
+                        raw = _pread_exact(src, n, t.begin + off, shard.path, ws.get("W", (n,), torch.uint8))
+                        chunk = raw.view(src_dt)
+                        _write_all(dst, ws.get("out", chunk.shape, out_dt).copy_(chunk))
                         progress.advance(n, False)
                     progress.advance(0, True)
                 else:
@@ -405,7 +460,14 @@ def _reference_model(base_dir: Path, adapter_dirs: list[Path], weights: list[flo
     parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     for name, ups in _plan_updates(adapter_dirs, weights, _module_weights(model)).items():
         module = name.removesuffix(".weight")
-        parts[module] = [(u.lora_A.float(), u.lora_B.float() * (u.scaling * u.weight)) for u in ups]
+        parts[module] = []
+        for u in ups:
+            fd = os.open(u.path, os.O_RDONLY)
+            try:
+                t = u.load(fd)
+            finally:
+                os.close(fd)
+            parts[module].append((t.lora_A.float(), t.lora_B.float() * (t.scaling * t.weight)))
     with torch.no_grad():
         for module, ab in parts.items():
             linear = modules[module]
@@ -543,8 +605,13 @@ def merge_checkpoint(base_dir, adapter_dirs, out_dir, weights=None, dtype=None, 
     report = MergeReport(out_dir, len(entries), len(plan), 0, 0.0)
     try:
         with atomic_dir(out_dir) as tmp:
-            for shard in shards:
-                _write_shard(shard, tmp / shard.path.name, plan, out_dt, bar, hold)
+            with contextlib.ExitStack() as stack:
+                adapter_fds, ws = {}, _Workspace()
+                for path in {u.path for ups in plan.values() for u in ups}:
+                    adapter_fds[path] = fd = os.open(path, os.O_RDONLY)
+                    stack.callback(os.close, fd)
+                for shard in shards:
+                    _write_shard(shard, tmp / shard.path.name, plan, adapter_fds, out_dt, bar, hold, ws)
             if index is not None:
                 index = dict(index, metadata=dict(index.get("metadata") or {}, total_size=sum(sizes)))
                 (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
