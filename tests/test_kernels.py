@@ -288,3 +288,14 @@ def test_bench_quick_writes_records(tmp_path):
     assert "| k_proj | 16 |" in out.with_suffix(".md").read_text()
     bad = subprocess.run(cmd[:2] + ["--quick", "--shapes", "nope"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.startswith("error: --shapes") and "Traceback" not in bad.stderr
+
+
+def test_kernels_compile_for_h100():
+    """The interpreter never runs Triton's compiler: lower every kernel to an sm_90 cubin (no GPU needed)."""
+    import subprocess
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-m", "lora.kernels.compile_check", "90", "bf16"], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in ("shrink", "gemm", "dy_pass", "grad_a", "dropout_mask"):
+        assert f"{name}: sm_90 bf16 cubin" in r.stdout
