@@ -53,16 +53,19 @@ def _gemm_kernel(
     rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)   # (BLOCK_M,)
     cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)   # (BLOCK_N,)
     row_ok, col_ok = rows < M, cols < N
+    # Ragged edge tiles load wrapped-around rows/columns (valid memory, results never stored), so the
+    # loads need no row/column predicates; only the store is masked.
+    rows_ld, cols_ld = rows % M, cols % N
 
     # LoRA steps of the reduction: acc = S Bt over R, R ≤ 256, padded to BLOCK_R by masks.
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         ranks = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
         rank_ok = ranks < R
-        s = tl.load(s_ptr + rows[:, None] * stride_sm + ranks[None, :] * stride_sr,
-                    mask=row_ok[:, None] & rank_ok[None, :], other=0.0)          # (BLOCK_M, BLOCK_R)
-        b = tl.load(b_ptr + ranks[:, None] * stride_br + cols[None, :] * stride_bn,
-                    mask=rank_ok[:, None] & col_ok[None, :], other=0.0)          # (BLOCK_R, BLOCK_N)
+        s = tl.load(s_ptr + rows_ld[:, None] * stride_sm + ranks[None, :] * stride_sr,
+                    mask=rank_ok[None, :], other=0.0)                            # (BLOCK_M, BLOCK_R)
+        b = tl.load(b_ptr + ranks[:, None] * stride_br + cols_ld[None, :] * stride_bn,
+                    mask=rank_ok[:, None], other=0.0)                            # (BLOCK_R, BLOCK_N)
         acc = mma(s, b, acc, DOT_PRECISION, UPCAST)
     acc = acc * scaling
     if HAS_DROPOUT:   # dX's LoRA part: d(dropout(x))/dx is the same mask the forward used
@@ -70,22 +73,22 @@ def _gemm_kernel(
 
     # Base steps of the reduction, on top: acc += X Wt over K.
     ks = tl.arange(0, BLOCK_K).to(tl.int64)
-    x_ptrs = x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk        # (BLOCK_M, BLOCK_K)
-    w_ptrs = w_ptr + ks[:, None] * stride_wk + cols[None, :] * stride_wn        # (BLOCK_K, BLOCK_N)
+    x_ptrs = x_ptr + rows_ld[:, None] * stride_xm + ks[None, :] * stride_xk     # (BLOCK_M, BLOCK_K)
+    w_ptrs = w_ptr + ks[:, None] * stride_wk + cols_ld[None, :] * stride_wn     # (BLOCK_K, BLOCK_N)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
-            x = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
-            w = tl.load(w_ptrs, mask=col_ok[None, :], other=0.0)
+            x = tl.load(x_ptrs)
+            w = tl.load(w_ptrs)
         else:
             k_ok = (k0 + ks) < K
-            x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
         acc = mma(x, w, acc, DOT_PRECISION, UPCAST)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + cols_ld).to(tl.float32)[None, :]
     c_ptrs = c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 

@@ -225,6 +225,37 @@ def test_interpreter_runs_one_config_without_autotuning(monkeypatch):
     assert A.grad is not None and x.grad is not None
 
 
+@pytest.mark.skipif(ON_GPU, reason="on a GPU the autotuned path runs for real in every test")
+@pytest.mark.parametrize("M", [5, 37])
+def test_autotuned_launch_path_under_interpreter(monkeypatch, M):
+    """The GPU launch path (autotuner, bucket pruning, heuristics, config-dependent grids, dB reset
+    between timed configs) runs here too: timings are faked, each config really runs interpreted."""
+    import itertools
+    monkeypatch.setattr(launch, "INTERPRET", False)             # launchers take the autotuned branch
+    monkeypatch.setattr(launch, "check_device", lambda *t: None)
+    ticks = itertools.count()
+
+    def fake_bench(kernel_call, quantiles):
+        kernel_call()
+        t = 1000.0 - next(ticks)            # later configs look faster: the winner is not the first
+        return [t, t, t]
+
+    tuned = [shrink_mod._shrink_tuned, gemm_mod._gemm_tuned, dy_pass_mod._dy_pass_tuned, grad_a_mod._grad_a_tuned]
+    for t in tuned:
+        monkeypatch.setitem(t.__dict__, "do_bench", fake_bench)      # shadows the cached_property
+        monkeypatch.setattr(t, "cache", {})
+    x, W, b, A, B, dy = make_inputs((M, 45), 29, 8, torch.float32, True, seed=8)
+    x.requires_grad_(), A.requires_grad_(), B.requires_grad_()
+    lora_linear(x, W, b, A, B, 0.7, 0.2, seed=9).backward(dy)
+    y_ref, dx_ref, dA_ref, dB_ref = reference(x, W, b, A, B, 0.7, dropout_mask(M, 45, 0.2, 9, DEVICE), dy)
+    assert_near(x.grad, dx_ref, torch.float32)
+    assert_near(A.grad, dA_ref, torch.float32)
+    assert_near(B.grad, dB_ref, torch.float32)   # atomics: wrong unless dB is zeroed before each config
+    assert next(ticks) > 8                        # several configs were timed
+    for t in tuned:
+        assert t.cache, "autotuner never ran"
+
+
 def test_autotune_buckets_keep_their_own_configs():
     assert [launch.m_bucket(m) for m in (1, 16, 17, 64, 65, 256, 257, 512, 8192)] == \
         [16, 16, 64, 64, 256, 256, 512, 512, 512]
