@@ -96,10 +96,6 @@ def dy_pass(dy: torch.Tensor, lora_B: torch.Tensor, S: torch.Tensor, scaling: fl
     args = (dy, lora_B, S, ds, db, M, N, R, *dy.stride(), *lora_B.stride(), *S.stride(), *ds.stride(),
             *db.stride(), float(scaling), launch.m_bucket(M))
     meta = dict(BLOCK_R=BLOCK_R, **launch.dot_meta(dy.dtype))
-    if launch.INTERPRET:
-        cfg = _INTERPRET_CONFIG
-        _dy_pass[(triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(R, BLOCK_R))](*args, **meta, **cfg)
-    else:
-        grid = lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(R, BLOCK_R))  # noqa: E731
-        _dy_pass_tuned[grid](*args, **meta)
+    grid = lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(R, BLOCK_R))  # noqa: E731
+    launch.launch(_dy_pass, _dy_pass_tuned, grid, args, meta, M, _TABLE, _NAMES, _INTERPRET_CONFIG)
     return ds, db

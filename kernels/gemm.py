@@ -102,11 +102,12 @@ _TABLE = {
     512: [(128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (256, 128, 64, 3, 8), (128, 128, 64, 3, 4),
           (64, 256, 64, 4, 4), (128, 256, 32, 4, 8)],
 }
+_FIXED = dict(GROUP_M=8)
 _INTERPRET_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=2)
 
 _gemm = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(_gemm_kernel)
 _gemm_tuned = triton.autotune(
-    configs=launch.configs_from(_TABLE, _NAMES, GROUP_M=8), key=["M_BUCKET", "N", "K", "R"],
+    configs=launch.configs_from(_TABLE, _NAMES, **_FIXED), key=["M_BUCKET", "N", "K", "R"],
     prune_configs_by={"early_config_prune": launch.bucket_pruner(_TABLE, _NAMES)},
 )(_gemm)
 
@@ -126,11 +127,6 @@ def lora_gemm(x: torch.Tensor, wt: torch.Tensor, s: torch.Tensor, bt: torch.Tens
             float(scaling), float(dropout_p), int(seed), launch.m_bucket(M))
     meta = dict(HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0, BLOCK_R=BLOCK_R,
                 **launch.dot_meta(x.dtype))
-    if launch.INTERPRET:
-        cfg = _INTERPRET_CONFIG
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-        _gemm[grid](*args, **meta, **cfg)
-    else:
-        grid = lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)  # noqa: E731
-        _gemm_tuned[grid](*args, **meta)
+    grid = lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)  # noqa: E731
+    launch.launch(_gemm, _gemm_tuned, grid, args, meta, M, _TABLE, _NAMES, _INTERPRET_CONFIG, _FIXED)
     return c

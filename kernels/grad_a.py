@@ -91,12 +91,8 @@ def grad_a(ds: torch.Tensor, x: torch.Tensor, dropout_p: float = 0.0, seed: int 
     args = (ds, x, out, M, K, R, *ds.stride(), *x.stride(), *out.stride(),
             float(dropout_p), int(seed), launch.m_bucket(M))
     meta = dict(HAS_DROPOUT=dropout_p > 0, SPLIT_M=split_m, BLOCK_R=BLOCK_R, **launch.dot_meta(x.dtype))
-    if launch.INTERPRET:
-        cfg = _INTERPRET_CONFIG
-        _grad_a_kernel[(triton.cdiv(K, cfg["BLOCK_K"]), triton.cdiv(R, BLOCK_R), split_m)](*args, **meta, **cfg)
-    else:
-        grid = lambda cfg: (triton.cdiv(K, cfg["BLOCK_K"]), triton.cdiv(R, BLOCK_R), split_m)  # noqa: E731
-        _grad_a_tuned[grid](*args, **meta)
+    grid = lambda cfg: (triton.cdiv(K, cfg["BLOCK_K"]), triton.cdiv(R, BLOCK_R), split_m)  # noqa: E731
+    launch.launch(_grad_a_kernel, _grad_a_tuned, grid, args, meta, M, _TABLE, _NAMES, _INTERPRET_CONFIG)
     if split_m == 1:
         return out[0]
     return out.sum(0).to(x.dtype)

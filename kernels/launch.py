@@ -7,6 +7,8 @@ small fixed config.
 """
 from __future__ import annotations
 
+import os
+
 import triton
 import torch
 
@@ -17,6 +19,9 @@ except ImportError:                     # imported as a bare top-level `kernels`
 
 # True when the kernels of this import were decorated as interpreted (numpy) functions.
 INTERPRET: bool = bool(triton.knobs.runtime.interpret)
+# LORA_KERNELS_AUTOTUNE=0: on a GPU, launch each M bucket's first listed config instead of timing them
+# all (no tuning latency: quick test runs, short jobs).
+AUTOTUNE: bool = os.environ.get("LORA_KERNELS_AUTOTUNE", "1") != "0"
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_RANK = 256
@@ -64,6 +69,25 @@ def configs_from(table: dict[int, list[tuple]], names: tuple[str, ...], **fixed)
             *blocks, stages, warps = row
             out.append(triton.Config(dict(zip(names, blocks), **fixed), num_stages=stages, num_warps=warps))
     return out
+
+
+def launch(kernel, tuned, grid, args: tuple, meta: dict, M: int, table: dict, names: tuple,
+           interpret_config: dict, fixed: dict | None = None) -> None:
+    """Run `kernel` (heuristics-wrapped jit function) or its autotuned twin `tuned`.
+
+    grid(config) -> launch grid for a dict of the tuned block sizes. Interpreted: `interpret_config`
+    (one small config; autotuning would run every config as numpy). AUTOTUNE off: the first config of
+    M's bucket in `table`. Otherwise the autotuner picks per (bucket, shape) and caches the choice."""
+    fixed = fixed or {}
+    if INTERPRET:
+        cfg = dict(interpret_config)
+    elif not AUTOTUNE:
+        *blocks, stages, warps = table[m_bucket(M)][0]
+        cfg = dict(zip(names, blocks), **fixed, num_stages=stages, num_warps=warps)
+    else:
+        tuned[grid](*args, **meta)
+        return
+    kernel[grid(cfg)](*args, **meta, **cfg)
 
 
 def dot_meta(dtype: torch.dtype) -> dict:

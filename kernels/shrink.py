@@ -101,13 +101,8 @@ def shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float = 0.0, seed: 
     args = (x, lora_A, out, M, K, R, *x.stride(), *lora_A.stride(), *out.stride(),
             float(dropout_p), int(seed), launch.m_bucket(M))
     meta = dict(HAS_DROPOUT=dropout_p > 0, SPLIT_K=split_k, BLOCK_R=BLOCK_R, **launch.dot_meta(x.dtype))
-    if launch.INTERPRET:
-        cfg = _INTERPRET_CONFIG
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(R, BLOCK_R), split_k)
-        _shrink[grid](*args, **meta, **cfg)
-    else:
-        grid = lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(R, BLOCK_R), split_k)  # noqa: E731
-        _shrink_tuned[grid](*args, **meta)
+    grid = lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(R, BLOCK_R), split_k)  # noqa: E731
+    launch.launch(_shrink, _shrink_tuned, grid, args, meta, M, _TABLE, _NAMES, _INTERPRET_CONFIG)
     if split_k == 1:
         return out[0]
     return out.sum(0).to(x.dtype)

@@ -226,12 +226,14 @@ def test_interpreter_runs_one_config_without_autotuning(monkeypatch):
 
 
 @pytest.mark.skipif(ON_GPU, reason="on a GPU the autotuned path runs for real in every test")
-@pytest.mark.parametrize("M", [5, 37])
-def test_autotuned_launch_path_under_interpreter(monkeypatch, M):
-    """The GPU launch path (autotuner, bucket pruning, heuristics, config-dependent grids, dB reset
-    between timed configs) runs here too: timings are faked, each config really runs interpreted."""
+@pytest.mark.parametrize("M,autotune", [(5, True), (37, True), (37, False)])
+def test_gpu_launch_paths_under_interpreter(monkeypatch, M, autotune):
+    """The GPU launch paths run here too, each config interpreted: with autotuning (bucket pruning,
+    heuristics, config-dependent grids, dB zeroed between timed configs; timings faked) and with
+    LORA_KERNELS_AUTOTUNE=0 (each bucket's first config, the autotuner never called)."""
     import itertools
-    monkeypatch.setattr(launch, "INTERPRET", False)             # launchers take the autotuned branch
+    monkeypatch.setattr(launch, "INTERPRET", False)             # launchers take the GPU branches
+    monkeypatch.setattr(launch, "AUTOTUNE", autotune)
     monkeypatch.setattr(launch, "check_device", lambda *t: None)
     ticks = itertools.count()
 
@@ -240,20 +242,27 @@ def test_autotuned_launch_path_under_interpreter(monkeypatch, M):
         t = 1000.0 - next(ticks)            # later configs look faster: the winner is not the first
         return [t, t, t]
 
+    def refuse(*args, **kwargs):
+        raise AssertionError("autotuner called with LORA_KERNELS_AUTOTUNE=0")
+
     tuned = [shrink_mod._shrink_tuned, gemm_mod._gemm_tuned, dy_pass_mod._dy_pass_tuned, grad_a_mod._grad_a_tuned]
     for t in tuned:
         monkeypatch.setitem(t.__dict__, "do_bench", fake_bench)      # shadows the cached_property
         monkeypatch.setattr(t, "cache", {})
+        if not autotune:
+            monkeypatch.setattr(t, "run", refuse)
     x, W, b, A, B, dy = make_inputs((M, 45), 29, 8, torch.float32, True, seed=8)
     x.requires_grad_(), A.requires_grad_(), B.requires_grad_()
-    lora_linear(x, W, b, A, B, 0.7, 0.2, seed=9).backward(dy)
+    y = lora_linear(x, W, b, A, B, 0.7, 0.2, seed=9)
+    y.backward(dy)
     y_ref, dx_ref, dA_ref, dB_ref = reference(x, W, b, A, B, 0.7, dropout_mask(M, 45, 0.2, 9, DEVICE), dy)
+    assert_near(y.detach(), y_ref, torch.float32)
     assert_near(x.grad, dx_ref, torch.float32)
     assert_near(A.grad, dA_ref, torch.float32)
     assert_near(B.grad, dB_ref, torch.float32)   # atomics: wrong unless dB is zeroed before each config
-    assert next(ticks) > 8                        # several configs were timed
-    for t in tuned:
-        assert t.cache, "autotuner never ran"
+    if autotune:
+        assert next(ticks) > 8                    # several configs were timed
+        assert all(t.cache for t in tuned), "autotuner never ran"
 
 
 def test_autotune_buckets_keep_their_own_configs():
