@@ -20,6 +20,7 @@ directory beside `out_dir` (lora.atomic.atomic_dir) that is renamed into place a
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import math
@@ -28,6 +29,7 @@ import re
 import shutil
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -255,14 +257,15 @@ class _Workspace:
 
 
 def merged_weight(W: torch.Tensor, terms: list[_Term], out_dtype: torch.dtype,
-                  ws: _Workspace | None = None) -> torch.Tensor:
+                  ws: _Workspace | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """round_to(out_dtype)( fp32(W) + Σ w·(s·B@A) ): the deltas summed in fp32, in adapter order, one rounding.
 
     W: (out, in) in any float dtype. `delta += fp32(W)` is the same IEEE sum as `fp32(W) + delta`
     (the upcast is exact, addition commutes); in-place ops and `copy_` into a buffer give the same bits
-    as their allocating forms. The result may live in `ws` (valid until its next use).
+    as their allocating forms. `ws` holds the fp32 temporaries; the result goes to `out` when given.
     """
     ws = ws or _Workspace()
+    out = torch.empty(W.shape, dtype=out_dtype) if out is None else out
     delta = ws.get("delta", W.shape, torch.float32)                             # (out, in) fp32
     for i, u in enumerate(terms):
         prod = delta if i == 0 else ws.get("term", W.shape, torch.float32)
@@ -272,12 +275,10 @@ def merged_weight(W: torch.Tensor, terms: list[_Term], out_dtype: torch.dtype,
         if i:
             delta.add_(prod)
     if W.dtype == torch.float64:                 # keep an fp64 base in fp64 (no precision lost)
-        return (W + delta.double()).to(out_dtype)
+        return out.copy_(W + delta.double())
     # A same-dtype add after an explicit upcast is several times faster than a mixed-dtype add_.
     delta.add_(W if W.dtype == torch.float32 else ws.get("w32", W.shape, torch.float32).copy_(W))
-    if out_dtype == torch.float32:
-        return delta
-    return ws.get("out", W.shape, out_dtype).copy_(delta)                       # the one rounding (RNE)
+    return out.copy_(delta)                                                     # the one rounding (RNE)
 
 
 # -- writing ------------------------------------------------------------------------------------
@@ -329,8 +330,11 @@ def _pread_exact(fd: int, n: int, offset: int, path: Path, buf: torch.Tensor | N
     return buf
 
 
-def _write_all(fd: int, t: torch.Tensor) -> None:
-    view = memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+def _write_all(fd: int, data: torch.Tensor | bytes) -> None:
+    """Write a tensor's raw bytes (or bytes) at fd's position; os.write may write less than asked."""
+    if isinstance(data, torch.Tensor):
+        data = data.contiguous().reshape(-1).view(torch.uint8).numpy()
+    view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
 
@@ -369,42 +373,110 @@ def _shard_header(shard: _Shard, dtype: str | None) -> tuple[bytes, int]:
     return len(raw).to_bytes(8, "little") + raw, offset
 
 
+class _Writer:
+    """Does the file writes in one background thread, in submission order, so writing and fsync
+    overlap the merging math (os.write, copy_file_range and fsync release the GIL).
+
+    Output tensors go through two alternating buffers: the merge fills one while the other is written.
+    """
+
+    def __init__(self, progress: _Progress, hold):
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-writer")
+        self.pending: collections.deque[Future] = collections.deque()
+        self.slots = [(None, None), (None, None)]      # (buffer, future of the write that reads it)
+        self.turn, self.progress, self.hold, self.fds = 0, progress, hold, set()
+
+    def submit(self, fn, *args) -> Future:
+        while self.pending and self.pending[0].done():
+            self.pending.popleft().result()             # surface a failed write now
+        future = self.pool.submit(fn, *args)
+        self.pending.append(future)
+        return future
+
+    def buffer(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        """An output buffer nobody is writing from any more."""
+        buf, future = self.slots[self.turn]
+        if future is not None:
+            future.result()
+        n = math.prod(shape)
+        if buf is None or buf.dtype != dtype or buf.numel() < n:
+            self.slots[self.turn] = (None, None)
+            buf = torch.empty(n, dtype=dtype)
+        self.slots[self.turn] = (buf, None)
+        return buf[:n].view(shape)
+
+    def write_tensor(self, fd: int, t: torch.Tensor, nbytes: int, tensor_done: bool) -> None:
+        """Write `t` (a buffer from .buffer()) and count `nbytes` of input as done."""
+        def job():
+            _write_all(fd, t)
+            self.progress.advance(nbytes, tensor_done)
+            if tensor_done:
+                self.hold()
+        self.slots[self.turn] = (self.slots[self.turn][0], self.submit(job))
+        self.turn ^= 1
+
+    def open(self, path: Path, flags: int) -> int:
+        fd = os.open(path, flags, 0o644)
+        self.fds.add(fd)
+        return fd
+
+    def close_fds(self, *fds: int, sync: int | None = None) -> None:
+        """Queued after the writes: fsync `sync`, then close the fds."""
+        def job():
+            if sync is not None:
+                os.fsync(sync)
+            for fd in fds:
+                self.fds.discard(fd)
+                os.close(fd)
+        self.submit(job)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):
+        self.pool.shutdown(wait=True, cancel_futures=exc_type is not None)
+        for fd in self.fds:
+            os.close(fd)
+        if exc_type is None:
+            while self.pending:
+                self.pending.popleft().result()
+        return False
+
+
+_CONVERT_ELEMS = 4 * 1024 * 1024     # elements per --dtype conversion step
+
+
 def _write_shard(shard: _Shard, out_path: Path, plan: dict[str, list[_Update]], adapter_fds: dict[Path, int],
-                 dtype: str | None, progress: _Progress, hold, ws: _Workspace) -> None:
+                 dtype: str | None, writer: _Writer, ws: _Workspace) -> None:
+    """One output shard: its header, then every tensor in the base shard's order (merged, converted or
+    copied). The reads and the math run here; the writes are queued on `writer`."""
     header, _ = _shard_header(shard, dtype)
-    src = os.open(shard.path, os.O_RDONLY)
-    try:
-        dst = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            os.write(dst, header)
-            for t in shard.entries:
-                out = _out_dtype(t, dtype)
-                if t.name in plan:
-                    raw = _pread_exact(src, t.nbytes, t.begin, shard.path, ws.get("W", (t.nbytes,), torch.uint8))
-                    W = raw.view(_DTYPES[t.dtype][1]).view(t.shape)
-                    terms = [u.load(adapter_fds[u.path]) for u in plan[t.name]]
-                    merged = merged_weight(W, terms, _DTYPES[out][1], ws)
-                    _write_all(dst, merged)
-                    del W, terms, merged
-                    progress.advance(t.nbytes, True)
-                elif out != t.dtype:               # --dtype: convert element-wise, chunk by chunk
-                    size, src_dt, out_dt = _DTYPES[t.dtype][0], _DTYPES[t.dtype][1], _DTYPES[out][1]
-                    step = _COPY_CHUNK // size * size
-                    for off in range(0, t.nbytes, step):
-                        n = min(step, t.nbytes - off)
-                        raw = _pread_exact(src, n, t.begin + off, shard.path, ws.get("W", (n,), torch.uint8))
-                        chunk = raw.view(src_dt)
-                        _write_all(dst, ws.get("out", chunk.shape, out_dt).copy_(chunk))
-                        progress.advance(n, False)
-                    progress.advance(0, True)
-                else:
-                    _copy_bytes(src, dst, t.begin, t.nbytes, shard.path, lambda k: progress.advance(k, False))
-                    progress.advance(0, True)
-                hold()
-        finally:
-            os.close(dst)
-    finally:
-        os.close(src)
+    src = writer.open(shard.path, os.O_RDONLY)
+    dst = writer.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    writer.submit(_write_all, dst, header)
+    for t in shard.entries:
+        out = _out_dtype(t, dtype)
+        if t.name in plan:
+            raw = _pread_exact(src, t.nbytes, t.begin, shard.path, ws.get("W", (t.nbytes,), torch.uint8))
+            W = raw.view(_DTYPES[t.dtype][1]).view(t.shape)
+            terms = [u.load(adapter_fds[u.path]) for u in plan[t.name]]
+            merged = merged_weight(W, terms, _DTYPES[out][1], ws, writer.buffer(t.shape, _DTYPES[out][1]))
+            writer.write_tensor(dst, merged, t.nbytes, True)
+        elif out != t.dtype:                        # --dtype: convert element-wise, chunk by chunk
+            size, src_dt, out_dt = _DTYPES[t.dtype][0], _DTYPES[t.dtype][1], _DTYPES[out][1]
+            n_elems = math.prod(t.shape)
+            for e0 in range(0, max(n_elems, 1), _CONVERT_ELEMS):
+                n = min(_CONVERT_ELEMS, n_elems - e0)
+                raw = _pread_exact(src, n * size, t.begin + e0 * size, shard.path, ws.get("W", (n * size,), torch.uint8))
+                chunk = writer.buffer((n,), out_dt).copy_(raw.view(src_dt))
+                writer.write_tensor(dst, chunk, n * size, e0 + n >= n_elems)
+        else:
+            def copy(t=t):
+                _copy_bytes(src, dst, t.begin, t.nbytes, shard.path, lambda k: writer.progress.advance(k, False))
+                writer.progress.advance(0, True)
+                writer.hold()
+            writer.submit(copy)
+    writer.close_fds(src, dst, sync=dst)
 
 
 def _test_hold_hook():
@@ -605,13 +677,13 @@ def merge_checkpoint(base_dir, adapter_dirs, out_dir, weights=None, dtype=None, 
     report = MergeReport(out_dir, len(entries), len(plan), 0, 0.0)
     try:
         with atomic_dir(out_dir) as tmp:
-            with contextlib.ExitStack() as stack:
+            with contextlib.ExitStack() as stack, _Writer(bar, hold) as writer:
                 adapter_fds, ws = {}, _Workspace()
                 for path in {u.path for ups in plan.values() for u in ups}:
                     adapter_fds[path] = fd = os.open(path, os.O_RDONLY)
                     stack.callback(os.close, fd)
                 for shard in shards:
-                    _write_shard(shard, tmp / shard.path.name, plan, adapter_fds, out_dt, bar, hold, ws)
+                    _write_shard(shard, tmp / shard.path.name, plan, adapter_fds, out_dt, writer, ws)
             if index is not None:
                 index = dict(index, metadata=dict(index.get("metadata") or {}, total_size=sum(sizes)))
                 (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

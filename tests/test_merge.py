@@ -269,8 +269,8 @@ def test_verify_catches_a_wrong_merge_and_writes_nothing(work, tmp_path, monkeyp
     mc = importlib.import_module("lora.merge_checkpoint")     # the module (lora.merge_checkpoint is the function)
     right = mc.merged_weight
     monkeypatch.setattr(mc, "merged_weight",                   # a merge with a 1% scaling error
-                        lambda W, terms, dt, ws: right(W, [mc._Term(u.lora_A, u.lora_B, u.scaling * 1.01, u.weight)
-                                                           for u in terms], dt, ws))
+                        lambda W, terms, *args: right(W, [mc._Term(u.lora_A, u.lora_B, u.scaling * 1.01, u.weight)
+                                                          for u in terms], *args))
     out = tmp_path / "out"
     with pytest.raises(VerifyError, match="exceeds the tolerance"):
         merge_checkpoint(work["single"], work["single_adapter"], out, progress=False, verify=True)
