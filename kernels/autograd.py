@@ -3,7 +3,7 @@
     y = x Wᵀ + b + s · (dropout(x) Aᵀ) Bᵀ       x: (..., K)  W: (N, K)  A: (r, K)  B: (N, r)
 
 Forward, two launches:  S = dropout(x) Aᵀ (shrink.py), then y = x Wᵀ + s · S Bᵀ + b (gemm.py: one
-accumulator, one write of y).
+accumulator, one write of y). At decode sizes the shrink splits K and sums its fp32 partials (M × r).
 Backward, W and b frozen, three launches:
     dS = s · dY B, dB = s · dYᵀ S        one pass over dY (dy_pass.py)
     dX = dY W + (dS A) ⊙ mask            one concatenated-K GEMM (gemm.py)

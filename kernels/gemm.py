@@ -107,7 +107,8 @@ _INTERPRET_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=2)
 
 _gemm = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(_gemm_kernel)
 _gemm_tuned = triton.autotune(
-    configs=launch.configs_from(_TABLE, _NAMES, **_FIXED), key=["M_BUCKET", "N", "K", "R"],
+    configs=launch.configs_from(_TABLE, _NAMES, **_FIXED),
+    key=["M_BUCKET", "N", "K", "R", "stride_wk"],     # stride_wk: forward (Wᵀ) and dX (W) tune apart
     prune_configs_by={"early_config_prune": launch.bucket_pruner(_TABLE, _NAMES)},
 )(_gemm)
 
