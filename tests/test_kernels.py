@@ -171,7 +171,8 @@ def test_dropout_seed_from_torch_generator():
 def test_non_contiguous_inputs():
     """x through strides (a view) or a copy (when no view exists); dY expanded (stride 0) by sum()."""
     x, W, b, A, B, _ = make_inputs((2, 19, 45), 29, 8, torch.float32, True, seed=4)
-    y_ref, dx_ref, dA_ref, dB_ref = reference(x, W, b, A, B, 0.7, None, torch.ones(2, 19, 29))
+    ones = torch.ones(2, 19, 29, device=DEVICE)                 # the dY that y.sum().backward() expands
+    y_ref, dx_ref, dA_ref, dB_ref = reference(x, W, b, A, B, 0.7, None, ones)
     wide = torch.zeros(2, 19, 90, device=DEVICE)
     wide[..., ::2] = x
     strided = wide[..., ::2]                                    # stride 2 along K: reshape is a view
