@@ -1,0 +1,220 @@
+"""The demo that `python train.py` runs with no arguments: a task a random base cannot do, learned by LoRA.
+
+Base: a 2.9M-parameter Llama (4 layers, hidden 256, 8 query heads sharing 2 key/value heads, tied
+embeddings) with random weights from a fixed seed, and the character tokenizer of `lora.tokenizer`.
+Its only non-default structure: the final RMSNorm gain is 4 instead of 1. With HF's init (std 0.02)
+the tied output head cannot put a logit more than ~±3 above the rest, so even a perfect adapter
+would keep a loss near 2; a gain of 4 lets the trained model be confident. The base stays random
+and frozen: it never sees the task.
+
+Task: a fixed letter substitution (a random permutation of a–z) applied to 6-letter words:
+    prompt "hello=" -> completion "vbzzk" (+ </s>)
+The model has to attend from each output position back to the input letter 7 places earlier and
+map it, which the random base cannot do (exact match ≈ 0) and a rank-8 adapter learns in ~60 steps.
+Held-out words never appear in training, so exact match measures the learned rule, not recall.
+
+Reusable pieces: `build_demo_base`, `make_task_examples`, `heldout_examples`, `greedy_complete`,
+`exact_match`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from .atomic import atomic_dir, atomic_write_text
+from .errors import LoRAError
+
+ALPHABET = "abcdefghijklmnopqrstuvwxyz"
+WORD_LEN = 6
+TASK_SEED = 1234          # fixes the letter mapping
+BASE_SEED = 0             # fixes the random base weights
+N_TRAIN, N_HELDOUT = 4096, 200
+
+# train.py's settings in demo mode (a flag given on the command line wins).
+DEMO_DEFAULTS = dict(max_seq_len=16, batch_size=32, lr=5e-3, max_steps=60, warmup_steps=3,
+                     save_every=20, log_every=5, r=8, lora_alpha=16)
+
+
+# -- the task ---------------------------------------------------------------------------------
+def substitution(seed: int = TASK_SEED) -> dict[str, str]:
+    """The fixed letter mapping of the task: a random permutation of a–z."""
+    shuffled = list(ALPHABET)
+    random.Random(seed).shuffle(shuffled)
+    return dict(zip(ALPHABET, shuffled))
+
+
+def apply_task(word: str, mapping: dict[str, str] | None = None) -> str:
+    """The correct completion for `word`: each letter substituted."""
+    mapping = mapping or substitution()
+    return "".join(mapping[c] for c in word)
+
+
+def make_task_examples(n: int, seed: int, exclude: set[str] = frozenset(), word_len: int = WORD_LEN) -> list[dict]:
+    """`n` distinct task examples {"prompt": "<word>=", "completion": "<mapped word>"}, none of whose
+    words is in `exclude`; the same (n, seed, exclude) always gives the same list."""
+    rng, mapping = random.Random(seed), substitution()
+    words: list[str] = []
+    seen = set(exclude)
+    while len(words) < n:
+        w = "".join(rng.choice(ALPHABET) for _ in range(word_len))
+        if w not in seen:
+            seen.add(w)
+            words.append(w)
+    return [{"prompt": w + "=", "completion": apply_task(w, mapping)} for w in words]
+
+
+def heldout_examples(n: int = N_HELDOUT) -> list[dict]:
+    """The demo's held-out examples (never trained on): the first `n` of a fixed list."""
+    return make_task_examples(N_HELDOUT, seed=2, exclude=_train_words())[:n]
+
+
+def train_examples() -> list[dict]:
+    return make_task_examples(N_TRAIN, seed=1)
+
+
+def _train_words() -> set[str]:
+    return {e["prompt"][:-1] for e in train_examples()}
+
+
+# -- the base model ---------------------------------------------------------------------------
+def demo_config(vocab_size: int):
+    from transformers import LlamaConfig
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=128,
+        tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def build_demo_base(out_dir: str | os.PathLike, seed: int = BASE_SEED) -> Path:
+    """Write the demo base model and its tokenizer to `out_dir` in HF format (atomically).
+
+    Deterministic: the same seed gives bit-identical weights. Returns the directory.
+    """
+    from transformers import LlamaForCausalLM
+
+    from .tokenizer import build_char_tokenizer
+    tokenizer = build_char_tokenizer()
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(demo_config(len(tokenizer)))
+    with torch.no_grad():
+        model.model.norm.weight.fill_(4.0)     # see the module docstring
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return out_dir
+
+
+def write_task_data(data_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """train.jsonl (N_TRAIN examples) and eval.jsonl (the held-out ones) as prompt/completion records."""
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    paths = data_dir / "train.jsonl", data_dir / "eval.jsonl"
+    for path, examples in zip(paths, (train_examples(), heldout_examples())):
+        atomic_write_text(path, "".join(json.dumps(e) + "\n" for e in examples))
+    return paths
+
+
+# -- evaluation -------------------------------------------------------------------------------
+@torch.no_grad()
+def greedy_complete(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 256) -> list[str]:
+    """Greedy completions (up to </s> or max_new_tokens) of each prompt, as text.
+
+    Plain and exact rather than fast: prompts of one token length are batched and every step reruns
+    the whole sequence (no KV cache), so no padding or cache can change a result.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    eos = tokenizer.eos_token_id
+    encoded = [[tokenizer.bos_token_id] + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    results: list[str | None] = [None] * len(prompts)
+    by_len: dict[int, list[int]] = {}
+    for i, ids in enumerate(encoded):
+        by_len.setdefault(len(ids), []).append(i)
+    for group in by_len.values():
+        for start in range(0, len(group), batch_size):
+            rows = group[start:start + batch_size]
+            ids = torch.tensor([encoded[i] for i in rows], device=device)     # (B, T)
+            done = torch.zeros(len(rows), dtype=torch.bool, device=device)
+            new = []
+            for _ in range(max_new_tokens):
+                nxt = model(input_ids=ids, use_cache=False).logits[:, -1].argmax(-1)   # (B,)
+                nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
+                new.append(nxt)
+                done |= nxt == eos
+                ids = torch.cat([ids, nxt[:, None]], dim=1)
+                if done.all():
+                    break
+            gen = torch.stack(new, dim=1).tolist() if new else [[] for _ in rows]
+            for i, toks in zip(rows, gen):
+                toks = toks[:toks.index(eos)] if eos in toks else toks
+                results[i] = tokenizer.decode(toks, skip_special_tokens=True)
+    model.train(was_training)
+    return results
+
+
+def exact_match(model, tokenizer, examples: list[dict], max_new_tokens: int | None = None) -> float:
+    """Share of examples whose greedy completion equals example["completion"] exactly (ending at </s>)."""
+    if not examples:
+        raise LoRAError("exact_match needs at least one example")
+    longest = max(len(tokenizer(e["completion"], add_special_tokens=False)["input_ids"]) for e in examples)
+    outs = greedy_complete(model, tokenizer, [e["prompt"] for e in examples], max_new_tokens or longest + 1)
+    return sum(o == e["completion"] for o, e in zip(outs, examples)) / len(examples)
+
+
+# -- the whole demo ---------------------------------------------------------------------------
+def run_demo(cfg) -> dict:
+    """Build the base and the task in cfg.out, measure exact match, train, measure again.
+
+    `cfg` is a `TrainConfig` whose model/data are ignored: they become <out>/base and <out>/data.
+    Returns eval.json's contents.
+    """
+    from .trainer import check_out_dir, load_model, train
+    out = Path(cfg.out)
+    cfg = replace(cfg, model=str(out / "base"), data=str(out / "data" / "train.jsonl"),
+                  eval_data=str(out / "data" / "eval.jsonl"), eval_split=0.0)
+    mode = check_out_dir(cfg)                       # before anything is written
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0 and (mode != "resume" or not (out / "base" / "config.json").is_file()):
+        build_demo_base(out / "base")
+        write_task_data(out / "data")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch.distributed as dist
+        from .device import resolve_device
+        if not dist.is_initialized():
+            dist.init_process_group(backend=resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0"))).dist_backend)
+        dist.barrier()                              # the others wait for rank 0's base and data
+
+    from .trainer import load_tokenizer
+    heldout = heldout_examples()
+    tokenizer = load_tokenizer(cfg.model)
+    before = None
+    if rank == 0:
+        from .device import resolve_device
+        device = resolve_device(cfg.device, 0)
+        base = load_model(cfg.model, device.resolve_dtype(cfg.dtype), device)
+        before = exact_match(base, tokenizer, heldout)
+        print(f"held-out exact match before training: {before:.3f}", file=sys.stderr)
+        del base
+
+    result = train(cfg, out_mode=mode)
+    summary = {}
+    if rank == 0:
+        after = exact_match(result.model, result.tokenizer, heldout)
+        summary = {"step": result.step, "eval_loss": result.eval_loss, "train_loss": result.train_loss,
+                   "exact_match_before": before, "exact_match": after, "heldout_examples": len(heldout)}
+        atomic_write_text(out / "eval.json", json.dumps(summary, indent=2) + "\n")
+        examples = greedy_complete(result.model, result.tokenizer, [e["prompt"] for e in heldout[:3]], WORD_LEN + 1)
+        for e, got in zip(heldout[:3], examples):
+            print(f"  {e['prompt']}{got}   (expected {e['completion']})")
+        print(f"held-out exact match: {before:.3f} before, {after:.3f} after {result.step} steps "
+              f"(eval loss {result.eval_loss:.4f})")
+        print(f"adapter: {out / 'adapter'}   base: {out / 'base'}")
+    return summary
