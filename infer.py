@@ -38,8 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt", metavar="TEXT", help="one prompt; its reply is streamed to stdout as it is generated")
     src.add_argument("--prompt-file", metavar="PATH",
                      help="a text file with one prompt per line; replies are printed one per line, in order")
-    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
-                   help="most tokens to generate per prompt; generation stops earlier at end-of-sequence (default 64)")
+    p.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                   help="most tokens to generate per prompt; generation stops earlier at end-of-sequence "
+                        "(default 64; in the demo, one more than the longest expected answer)")
     p.add_argument("--temperature", type=float, default=0.0, metavar="T",
                    help="0 = greedy (the default); > 0 samples from softmax(logits / T)")
     p.add_argument("--top-k", type=int, default=0, metavar="K",
@@ -56,9 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bucket", type=int, default=0, metavar="N",
                    help="pad prompts and the KV cache to multiples of N tokens, so decode steps have one "
                         "static shape (for graph-compiling devices such as HPU); 0 = off. Same tokens either way")
-    p.add_argument("--device", default="auto", help="auto (an accelerator when there is one, else cpu), cpu, cuda, ...")
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
-                   help="weight dtype to load the model in (auto: as saved)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available, else cpu), cpu or cuda")
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="dtype of the base weights (auto: as saved in the checkpoint; the adapter stays fp32)")
     p.add_argument("--jsonl", action="store_true",
                    help="with --prompt-file: print one JSON object per line ({prompt, reply}) instead of the reply text")
     p.add_argument("--trust-remote-code", action="store_true",
@@ -99,14 +100,16 @@ def run(args) -> None:
         # A fresh seed per run, reported with the timing so that the run can be repeated.
         sampling = Sampling(args.temperature, args.top_k, args.top_p, secrets.randbits(62))
     if args.model is None:
-        if args.adapter or args.merge:
-            raise LoRAError("--adapter/--merge need --model (without --model the demo run is used)")
+        if args.adapter:
+            raise LoRAError("--adapter needs --model (without --model the demo run's adapter is used)")
         if not (DEMO_DIR / "base").is_dir() or not (DEMO_DIR / "adapter").is_dir():
             raise LoRAError(f"no --model given and no demo run at {DEMO_DIR} (run `python train.py` first)")
         if args.prompt is None and args.prompt_file is None:
             from lora.infer_demo import run_demo
             return run_demo(DEMO_DIR, args, sampling)
         args.model, args.adapter = str(DEMO_DIR / "base"), str(DEMO_DIR / "adapter")
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 64
     texts = read_prompts(args.prompt_file) if args.prompt_file else [args.prompt or ""]
     if args.prompt is not None and not args.prompt.strip():
         raise LoRAError("empty prompt")

@@ -17,31 +17,20 @@ import torch
 import torch.nn as nn
 
 from .adapter import load_adapter
+from .device import resolve_device
 from .errors import LoRAError
 from .generate import Generated, Sampling, context_length, generate
 from .inject import merge_lora
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}   # train.py's names
 FORMATS = ("plain", "guanaco")
-
-
-def _resolve_device(name: str) -> torch.device:
-    """'auto' → cuda when available, else cpu; any other name must be a device torch can use here."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise LoRAError(f"unknown device {name!r} (auto, cpu, cuda, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise LoRAError("--device cuda, but no CUDA device is available")
-    return device
 
 
 def load_model(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike | None = None, merge: bool = False,
                device: str = "cpu", dtype: str = "auto", trust_remote_code: bool = False):
     """The causal LM and tokenizer saved in `model_dir`, with the adapter applied (and folded in
-    when `merge`), in eval mode on `device`."""
+    when `merge`), in eval mode on `device` ("auto", "cpu", "cuda": lora.device). dtype "auto" keeps
+    the checkpoint's own dtype; "fp32", "bf16", "fp16" convert the base (the adapter stays fp32)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir = Path(model_dir)
@@ -53,7 +42,7 @@ def load_model(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike | No
         raise LoRAError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
     if merge and adapter_dir is None:
         raise LoRAError("--merge needs an adapter (--adapter DIR)")
-    target = _resolve_device(device)
+    target = resolve_device(device).torch_device
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError) as e:

@@ -256,3 +256,20 @@ def test_cli_bad_input_is_one_line_error(dirs, tmp_path, capsys, case, needle):
     assert status == 2
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1 and err.startswith("error: ") and needle in err
+
+
+def test_no_arguments_runs_the_demo(dirs, tmp_path, monkeypatch, capsys):
+    from lora.demo import heldout_examples
+    (tmp_path / "runs" / "demo").mkdir(parents=True)
+    for name, src in (("base", "base"), ("adapter", "adapter")):
+        (tmp_path / "runs" / "demo" / name).symlink_to(dirs / src)
+    monkeypatch.chdir(tmp_path)
+    assert infer.main([]) == 0
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    shown = heldout_examples(8)
+    rows = [line.split() for line in lines[2:2 + len(shown)]]
+    assert [r[0] for r in rows] == [e["prompt"] for e in shown]
+    assert [r[-2:] for r in rows] == [[e["completion"], "no"] for e in shown]   # a random adapter: no matches
+    assert lines[-1] == f"0/{len(shown)} exact matches with the adapter, 0/{len(shown)} without"
+    assert "prefill" in err
