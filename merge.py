@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{report.out_dir} ({report.bytes_written / 1e6:.1f} MB in {report.seconds:.1f} s)")
     if report.max_abs_diff is not None:
         print(f"verify: max |logit difference| {report.max_abs_diff:.3g} <= tolerance {report.tolerance:.3g} "
-              f"(the adapter itself moves logits by up to {report.adapter_effect:.3g})")
+              f"(the adapter itself moves logits by up to {report.adapter_effect:.3g}; {report.verify_seconds:.1f} s)")
     return 0
 
 

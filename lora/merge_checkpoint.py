@@ -574,18 +574,25 @@ def verify_merged(base_dir: Path, adapter_dirs: list[Path], weights: list[float]
     and the merged checkpoint, both run in fp32 on the same random token sequences. The adapter's
     effect, max |logits(base+adapter) - logits(base)|, says how much a wrong merge could show."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     from .inject import disable_adapter
 
-    ref_model = _reference_model(base_dir, adapter_dirs, weights)
-    vocab = ref_model.config.vocab_size
-    ids = torch.randint(0, vocab, (n_seq, seq_len), generator=torch.Generator().manual_seed(0))
-    ref = ref_model(input_ids=ids).logits.float()
-    with disable_adapter(ref_model):
-        effect = (ref_model(input_ids=ids).logits.float() - ref).abs().max().item()
-    del ref_model
-    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
-    got = merged(input_ids=ids).logits.float()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()            # our own bar has already run; theirs would repeat
+    try:
+        ref_model = _reference_model(base_dir, adapter_dirs, weights)
+        vocab = ref_model.config.vocab_size
+        ids = torch.randint(0, vocab, (n_seq, seq_len), generator=torch.Generator().manual_seed(0))
+        ref = ref_model(input_ids=ids).logits.float()
+        with disable_adapter(ref_model):
+            effect = (ref_model(input_ids=ids).logits.float() - ref).abs().max().item()
+        del ref_model
+        merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+        got = merged(input_ids=ids).logits.float()
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     shards, _ = _read_checkpoint(merged_dir)
     worst = max((_UNIT_ROUNDOFF[t.dtype] for s in shards for t in s.entries if t.dtype in _UNIT_ROUNDOFF),
                 default=2.0 ** -24)
@@ -604,11 +611,12 @@ class MergeReport:
     n_tensors: int
     n_merged: int
     bytes_written: int
-    seconds: float
+    seconds: float                         # reading, merging and writing (fsync included), not verify
     side_files: list[str] = field(default_factory=list)
     max_abs_diff: float | None = None      # set by verify
     tolerance: float | None = None
     adapter_effect: float | None = None    # max |logits(base+adapter) - logits(base)|, from verify
+    verify_seconds: float | None = None
 
 
 def _check_paths(base_dir: Path, adapter_dirs: list[Path], out_dir: Path, force: bool) -> None:
@@ -690,12 +698,14 @@ def merge_checkpoint(base_dir, adapter_dirs, out_dir, weights=None, dtype=None, 
             report.side_files = _copy_side_files(base_dir, tmp, out_dt)
             bar.close()
             report.bytes_written = sum(sizes)
+            report.seconds = time.monotonic() - t0
             if verify:
+                t1 = time.monotonic()
                 report.max_abs_diff, report.tolerance, report.adapter_effect = verify_merged(base_dir, adapter_dirs, weights, tmp)
+                report.verify_seconds = time.monotonic() - t1
                 if not report.max_abs_diff <= report.tolerance:
                     raise VerifyError(f"verify: max |logit difference| {report.max_abs_diff:.3g} exceeds the "
                                     f"tolerance {report.tolerance:.3g}; nothing written")
     finally:
         bar.close()
-    report.seconds = time.monotonic() - t0
     return report
