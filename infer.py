@@ -116,15 +116,16 @@ def run(args) -> None:
     model, tokenizer = load_model(args.model, args.adapter, args.merge, args.device, args.dtype,
                                   args.trust_remote_code)
     common = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, batch_size=args.batch_size,
-                  chat_template=args.chat_template, fmt=args.format, bucket=args.bucket)
+                  chat_template=args.chat_template, fmt=args.format, bucket=args.bucket, warmup=True)
     if args.prompt is not None:
         stream = TextStream(tokenizer, sys.stdout)
         _, timing = complete(model, tokenizer, texts, on_token=stream, **common)
-        print()
+        print(flush=True)
     else:
         replies, timing = complete(model, tokenizer, texts, progress=True, **common)
         for text, reply in zip(texts, replies):
             print(json.dumps({"prompt": text, "reply": reply}) if args.jsonl else one_line(reply))
+        sys.stdout.flush()
     seed = f", seed {sampling.seed}" if not sampling.greedy else ""
     print(timing.line() + seed, file=sys.stderr)
 

@@ -31,7 +31,7 @@ def run_demo(demo_dir: Path, args, sampling: Sampling) -> None:
         base_replies, _ = complete(model, tokenizer, prompts, **common)
     if args.merge:
         merge_lora(model)
-    replies, timing = complete(model, tokenizer, prompts, **common)
+    replies, timing = complete(model, tokenizer, prompts, warmup=True, **common)
 
     how = "merged" if args.merge else "unmerged"
     print(f"{demo_dir}: held-out task prompts, base alone vs base + adapter ({how}), "

@@ -166,13 +166,15 @@ class Timing:
 def complete(model: nn.Module, tokenizer, texts: list[str], max_new_tokens: int,
              sampling: Sampling = Sampling(), batch_size: int = 8, chat_template: bool = False,
              fmt: str = "plain", bucket: int = 0, on_token: Callable[[int, int], None] | None = None,
-             progress: bool = False) -> tuple[list[str], Timing]:
+             progress: bool = False, warmup: bool = False) -> tuple[list[str], Timing]:
     """Replies to `texts` in input order, generated `batch_size` prompts at a time.
 
     Every prompt is encoded and checked against the context before any is generated, so a bad line
     fails fast. `bucket` > 0 pads prompt and cache to multiples of `bucket`, and a short last batch
     to `batch_size` rows (static shapes).
     `on_token(row, id)` sees rows of the first batch only (meant for streaming a single prompt).
+    `warmup` first runs the first batch for 2 tokens, untimed, so that one-time costs (CUDA context,
+    kernel compiles and autotuning, graph captures) stay out of the reported prefill and decode times.
     """
     if batch_size < 1:
         raise LoRAError(f"batch size must be >= 1, got {batch_size}")
@@ -187,6 +189,9 @@ def complete(model: nn.Module, tokenizer, texts: list[str], max_new_tokens: int,
     eos = eos_ids(model, tokenizer)
     pad = pad_id(tokenizer, eos)
     starts = range(0, len(prompts), batch_size)
+    if warmup:
+        generate(model, prompts[:batch_size], min(2, max_new_tokens), eos_token_id=(), pad_token_id=pad,
+                 sampling=sampling, pad_to_multiple=max(bucket, 1), static_cache=bucket > 0)
     bar = _progress(len(prompts)) if progress and len(starts) > 1 else None
     replies, timing = [], Timing()
     for n, start in enumerate(starts):
