@@ -245,11 +245,11 @@ def table(rows: list[dict]) -> str:
                  f"{peft['peak_rss_bytes'] / 2**20:.0f}" if peft else "–",
                  f"{peft['peak_rss_bytes'] / size:.2f}" if peft else "–"]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    agree = [f"{r['layers']} layers: {100 * r['ours_vs_peft']['bit_equal_fraction']:.2f}% of layer 0's merged "
-             f"elements bit-equal, max |ours − peft| = {r['ours_vs_peft']['max_abs_diff_over_max_abs_weight']:.2g} × max |W|"
+    agree = [f"{r['layers']} layers: {100 * r['ours_vs_peft']['bit_equal_fraction']:.2f}% bit-equal, "
+             f"max |ours − peft| / max |W| = {r['ours_vs_peft']['max_abs_diff_over_max_abs_weight']:.2g}"
              for r in rows if "ours_vs_peft" in r]
     if agree:
-        lines += ["", "Ours vs PEFT's merged weights: " + "; ".join(agree)]
+        lines += ["", "Same work? Layer 0's merged weights, ours vs PEFT's: " + "; ".join(agree)]
     return "\n".join(lines)
 
 
