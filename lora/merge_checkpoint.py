@@ -10,13 +10,16 @@ Every other tensor is copied byte for byte. The output keeps the base's shard fi
 and index; only `--dtype` changes bytes elsewhere (float tensors converted, config.json's dtype set).
 
 Memory stays flat in the number of layers: safetensors headers are parsed by hand, a merged weight is
-read with one `pread` into a buffer of its own size, unchanged tensors are copied file-to-file by the
-kernel (`copy_file_range`, never through our address space), and each output shard's header is known
-before its data (same shapes, known dtypes), so it is written first and the data streamed after it.
-`safetensors.safe_open` is not used because its mmap pages would count towards RSS up to a whole shard.
+read with one `pread` into a reused buffer, its adapter tensors only when it comes up, unchanged
+tensors are copied file-to-file by the kernel (`copy_file_range`, never through our address space),
+and each output shard's header is known before its data (same shapes, known dtypes), so it is
+written first and the data streamed after it. `safetensors.safe_open` is not used because its mmap
+pages would count towards RSS, up to a whole shard. Writes (and each shard's fsync) run in one
+background thread, in order, while the next weight is merged.
 
 Crash safety: everything is checked before anything is written, then written into a temporary
 directory beside `out_dir` (lora.atomic.atomic_dir) that is renamed into place at the end.
+`--verify` (verify_merged) lives here too: it is the merge's own check.
 """
 from __future__ import annotations
 
@@ -44,7 +47,7 @@ INDEX_NAME = "model.safetensors.index.json"
 # Files beside the weights that are weights in another format: never copied (they would be stale).
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
 _HEADER_LIMIT = 100 * 1024 * 1024        # safetensors' own bound on the JSON header
-_COPY_CHUNK = 64 * 1024 * 1024           # bytes per copy / conversion step (progress granularity)
+_COPY_CHUNK = 64 * 1024 * 1024           # bytes per copy_file_range call (progress granularity)
 
 # safetensors dtype name -> (bytes per element, torch dtype or None when torch has no such dtype)
 _DTYPES = {
