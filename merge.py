@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", metavar="DIR", action="append",
                    help="adapter directory (adapter_config.json + adapter_model.safetensors, ours or PEFT's); "
                         f"repeat for several adapters (default {DEMO}/adapter)")
-    p.add_argument("--weights", metavar="W", type=float, nargs="+",
+    p.add_argument("--weights", metavar="w", type=float, nargs="+",
                    help="one weight per --adapter: merges W + Σ w_i·scaling_i·B_i A_i (default 1 each)")
     p.add_argument("--out", metavar="DIR", default=f"{DEMO}/merged",
                    help=f"output checkpoint directory; must differ from --base (default {DEMO}/merged)")
