@@ -10,7 +10,7 @@ and frozen: it never sees the task.
 Task: a fixed letter substitution (a random permutation of a–z) applied to 6-letter words:
     prompt "hello=" -> completion "vbzzk" (+ </s>)
 The model has to attend from each output position back to the input letter 7 places earlier and
-map it, which the random base cannot do (exact match ≈ 0) and a rank-8 adapter learns in ~60 steps.
+map it, which the random base cannot do (exact match ≈ 0) and a rank-16 adapter learns it in 60 steps.
 Held-out words never appear in training, so exact match measures the learned rule, not recall.
 
 Reusable pieces: `build_demo_base`, `make_task_examples`, `heldout_examples`, `greedy_complete`,
@@ -38,7 +38,7 @@ N_TRAIN, N_HELDOUT = 4096, 200
 
 # train.py's settings in demo mode (a flag given on the command line wins).
 DEMO_DEFAULTS = dict(max_seq_len=16, batch_size=32, lr=5e-3, max_steps=60, warmup_steps=3,
-                     save_every=20, log_every=5, r=8, lora_alpha=16)
+                     save_every=20, log_every=5, r=16, lora_alpha=32)
 
 
 # -- the task ---------------------------------------------------------------------------------
@@ -83,25 +83,28 @@ def _train_words() -> set[str]:
 
 
 # -- the base model ---------------------------------------------------------------------------
-def demo_config(vocab_size: int):
+def demo_config(vocab_size: int, **overrides):
+    """The demo base's LlamaConfig; `overrides` (e.g. hidden_size=32 for tests) replace fields."""
     from transformers import LlamaConfig
-    return LlamaConfig(
+    fields = dict(
         vocab_size=vocab_size, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=128,
         tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return LlamaConfig(**{**fields, **overrides})
 
 
-def build_demo_base(out_dir: str | os.PathLike, seed: int = BASE_SEED) -> Path:
+def build_demo_base(out_dir: str | os.PathLike, seed: int = BASE_SEED, **config_overrides) -> Path:
     """Write the demo base model and its tokenizer to `out_dir` in HF format (atomically).
 
-    Deterministic: the same seed gives bit-identical weights. Returns the directory.
+    Deterministic: the same seed gives bit-identical weights. `config_overrides` change the
+    LlamaConfig (the tests build a smaller one). Returns the directory.
     """
     from transformers import LlamaForCausalLM
 
     from .tokenizer import build_char_tokenizer
     tokenizer = build_char_tokenizer()
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(demo_config(len(tokenizer)))
+    model = LlamaForCausalLM(demo_config(len(tokenizer), **config_overrides))
     with torch.no_grad():
         model.model.norm.weight.fill_(4.0)     # see the module docstring
     out_dir = Path(out_dir)
@@ -192,12 +195,16 @@ def run_demo(cfg) -> dict:
             dist.init_process_group(backend=resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0"))).dist_backend)
         dist.barrier()                              # the others wait for rank 0's base and data
 
+    from .device import resolve_device
     from .trainer import load_tokenizer
+    if resolve_device(cfg.device).name == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # The demo's GEMMs are ~1 ms each: a second thread costs more in synchronisation than it
+        # saves, and on a machine shared with other jobs it can make a step several times slower.
+        torch.set_num_threads(1)
     heldout = heldout_examples()
     tokenizer = load_tokenizer(cfg.model)
     before = None
     if rank == 0:
-        from .device import resolve_device
         device = resolve_device(cfg.device, 0)
         base = load_model(cfg.model, device.resolve_dtype(cfg.dtype), device)
         before = exact_match(base, tokenizer, heldout)

@@ -402,7 +402,13 @@ def train(cfg: TrainConfig, out_mode: str | None = None) -> TrainResult:
         for p in params:
             dist.broadcast(p.data, src=0)
     if cfg.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Non-reentrant checkpointing restores the RNG state before recomputing, so LoRA dropout
+        # draws the same masks twice. (transformers 5 renamed the method.)
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     model.train()
     model = device.prepare_model(model)
