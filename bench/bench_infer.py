@@ -6,12 +6,14 @@ transformers' own `generate`, all greedy on the same random Llama, same prompts,
   adapter  adapter kept as LoRALinear layers (x Aᵀ Bᵀ on every projection, every step), our loop
   hf       transformers' model.generate(do_sample=False) on the merged model: the loop's own overhead
 
-Each provider runs `--repeats` times after one warm-up; the median is reported. Every provider must
+Each provider runs once to warm up, then `--repeats` rounds run every provider in turn (so that a
+slow spell of a shared machine hits all of them); the median is reported. Every provider must
 produce the same tokens as `merged` (checked; `floor` differs: it has no adapter). End-of-sequence is
 off, so every row generates exactly --new-tokens tokens. Writes bench/results/infer-<device>.{json,md}.
 
-    python bench/bench_infer.py                       # cpu: 4 layers, hidden 1024, batch 1 and 8
-    python bench/bench_infer.py --device cuda --layers 16 --hidden 2048 --dtype bfloat16
+    python bench/bench_infer.py                       # cpu: 4 layers, hidden 512, batch 1 and 8
+    python bench/bench_infer.py --device cuda --layers 16 --hidden 2048 --vocab 32000 --dtype bfloat16 \
+        --prompt-tokens 512 --new-tokens 128
 """
 from __future__ import annotations
 
@@ -39,13 +41,13 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--layers", type=int, default=4, help="decoder layers (default 4)")
-    p.add_argument("--hidden", type=int, default=1024, help="hidden size; heads of 64, GQA 4:1 (default 1024)")
-    p.add_argument("--vocab", type=int, default=32000, help="vocabulary size (default 32000)")
+    p.add_argument("--hidden", type=int, default=512, help="hidden size; heads of 64, GQA 4:1 (default 512)")
+    p.add_argument("--vocab", type=int, default=8000, help="vocabulary size (default 8000)")
     p.add_argument("--r", type=int, default=16, help="adapter rank on all seven projections (default 16)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes (default 1 8)")
-    p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length (default 128)")
-    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per prompt (default 64)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per provider, median kept (default 3)")
+    p.add_argument("--prompt-tokens", type=int, default=64, help="prompt length (default 64)")
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per prompt (default 32)")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds, median kept (default 5)")
     p.add_argument("--out", default=None, help="results path without suffix (default bench/results/infer-<device>)")
     return p.parse_args(argv)
 
@@ -102,16 +104,21 @@ def run_hf(model, prompts, n):
     return out[:, input_ids.shape[1]:].tolist(), float("nan"), time.perf_counter() - t0
 
 
-def measure(fn, model, prompts, n, repeats):
-    fn(model, prompts, n)                                   # warm-up
-    runs = []
+def measure_all(providers, prompts, n, repeats):
+    """{name: (tokens, total s, prefill s, decode s)}, medians over `repeats` rounds. Each round runs
+    every provider once, in turn, so that a slow spell of a shared machine hits them all alike."""
+    runs = {name: [] for name, _, _ in providers}
+    tokens = {}
+    for name, model, fn in providers:
+        tokens[name] = fn(model, prompts, n)[0]               # warm-up, and the tokens to compare
     for _ in range(repeats):
-        sync(next(model.parameters()).device)
-        t0 = time.perf_counter()
-        tokens, prefill, decode = fn(model, prompts, n)
-        runs.append((time.perf_counter() - t0, prefill, decode))
-    total, prefill, decode = (statistics.median(r[i] for r in runs) for i in range(3))
-    return tokens, total, prefill, decode
+        for name, model, fn in providers:
+            sync(next(model.parameters()).device)
+            t0 = time.perf_counter()
+            _, prefill, decode = fn(model, prompts, n)
+            runs[name].append((time.perf_counter() - t0, prefill, decode))
+    return {name: (tokens[name], *(statistics.median(r[i] for r in runs[name]) for i in range(3)))
+            for name in runs}
 
 
 def main(argv=None):
@@ -121,10 +128,9 @@ def main(argv=None):
     rows, md = [], []
     for B in args.batch:
         prompts = torch.randint(1, args.vocab, (B, args.prompt_tokens), generator=g).tolist()
-        results = {}
-        for name, model, fn in (("floor", base, run_ours), ("merged", merged, run_ours),
-                                ("adapter", adapter, run_ours), ("hf", merged, run_hf)):
-            results[name] = measure(fn, model, prompts, args.new_tokens, args.repeats)
+        providers = (("floor", base, run_ours), ("merged", merged, run_ours),
+                     ("adapter", adapter, run_ours), ("hf", merged, run_hf))
+        results = measure_all(providers, prompts, args.new_tokens, args.repeats)
         same = {k: results[k][0] == results["merged"][0] for k in ("adapter", "hf")}
         floor_total = results["floor"][1]
         for name, (tokens, total, prefill, decode) in results.items():

@@ -4,14 +4,15 @@
     decode:   logits = model(last token (B, 1), mask (B, T + t), position) -> next token, t = 1, 2, …
 
 Prompts of different lengths are left-padded into one batch: the attention mask hides the pads and
-position ids count only real tokens (`cumsum(mask) - 1`), so each row computes what it would alone.
+position ids count only real tokens (`cumsum(mask) - 1`), so each row computes what it would alone
+(up to float rounding: the matrix shapes differ).
 Greedy (argmax) by default; `Sampling(temperature>0, top_k, top_p, seed)` draws from the filtered
 softmax. A row stops at an end-of-sequence id; the loop stops when every row has.
 
 Static-shape mode (HPU graphs compile one graph per input shape): `pad_to_multiple=k` left-pads the
 prompt to a multiple of k, and `static_cache=True` preallocates the cache and the attention mask at
-one bucketed length, so every decode step has the same shapes. Both change only padding, never which
-token is chosen.
+one bucketed length, so every decode step has the same shapes. Both add only masked padding: the
+same math up to float rounding (tests check the chosen tokens are identical).
 """
 from __future__ import annotations
 
