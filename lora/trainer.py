@@ -350,6 +350,33 @@ def prepare_data(cfg: TrainConfig, tokenizer) -> tuple[TokenizedData, TokenizedD
     return data, eval_data
 
 
+def train_step(model, data: TokenizedData, micro: list[torch.Tensor], params, device: Device,
+               dtype: torch.dtype, max_grad_norm: float) -> tuple[float, float, float]:
+    """Forward + backward over this rank's micro-batches (rows `micro[a]` of `data`), all-reduce
+    and clip the LoRA grads. Returns (global mean token loss, grad norm, global input tokens).
+
+    Each micro-batch's loss is divided by the trained-token count of the whole global batch, so the
+    summed grads are those of the global mean, however the batch is split.
+    """
+    local = torch.tensor([sum((data.labels[i][:, 1:] != IGNORE).sum().item() for i in micro),
+                          sum(data.attention_mask[i].sum().item() for i in micro)],
+                         dtype=torch.float64, device=device.torch_device)     # counted on the CPU copy
+    n_targets, n_tokens = _all_reduce(local).tolist()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device.torch_device)
+    for rows in micro:
+        b = data.batch(rows, device.torch_device)
+        with device.autocast(dtype):
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
+            nll = token_nll_sum(logits, b["labels"])
+        (nll / n_targets).backward()
+        device.mark_step()
+        loss_sum += nll.detach().double()
+    _all_reduce_grads(params)
+    loss = (_all_reduce(loss_sum) / n_targets).item()
+    grad_norm = float(device.clip_grad_norm(params, max_grad_norm))
+    return loss, grad_norm, n_tokens
+
+
 def train(cfg: TrainConfig, out_mode: str | None = None) -> TrainResult:
     """Run (or resume) training as `cfg` says. Every input is checked before anything is written.
 
@@ -416,15 +443,14 @@ def train(cfg: TrainConfig, out_mode: str | None = None) -> TrainResult:
     scheduler = make_scheduler(optimizer, warmup, total)
     device.manual_seed(cfg.seed + 1 + rank)      # dropout masks differ between ranks
 
-    start = 0
-    resumed_from = None
+    start, last_loss, resumed_from = 0, None, None
     if mode == "resume" and checkpoint_steps(out):
         resumed_from = out / "checkpoints" / f"step-{checkpoint_steps(out)[-1]}"
         state, rng_states = load_checkpoint(resumed_from, model, optimizer, scheduler)
         device.set_rng_state(rng_states[rank])
-        start = state["step"]
-        if rank == 0:
-            _truncate_metrics(out / "metrics.jsonl", start)
+        start, last_loss = state["step"], state["loss"]
+    if mode == "resume" and rank == 0:
+        _truncate_metrics(out / "metrics.jsonl", start)
     if rank == 0:
         print(trainable_parameters(model), file=sys.stderr)
         print(f"{len(data)} training examples of {cfg.max_seq_len} tokens, {global_batch} per step, "
@@ -433,7 +459,7 @@ def train(cfg: TrainConfig, out_mode: str | None = None) -> TrainResult:
     progress = Progress(total, start, cfg.progress and rank == 0)
     metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None
     window = {"loss": 0.0, "steps": 0, "tokens": 0.0, "t0": time.time()}
-    last_loss, order_epoch, order = None, -1, None
+    order_epoch, order = -1, None
     step = start
     try:
         for step in range(start + 1, total + 1):          # `step` counts finished optimizer steps
@@ -442,30 +468,15 @@ def train(cfg: TrainConfig, out_mode: str | None = None) -> TrainResult:
                 order_epoch, order = epoch, epoch_order(len(data), cfg.seed, epoch)
             # (grad_accum, world, batch_size): micro-batch a of rank r is idx[a, r]
             idx = order[k * global_batch:(k + 1) * global_batch].view(cfg.grad_accum, world, cfg.batch_size)
-            micro = [data.batch(idx[a, rank], device.torch_device) for a in range(cfg.grad_accum)]
-            counts = torch.tensor([sum((b["labels"][:, 1:] != IGNORE).sum().item() for b in micro),
-                                   sum(b["attention_mask"].sum().item() for b in micro)],
-                                  dtype=torch.float64, device=device.torch_device)
-            n_targets, n_tokens = _all_reduce(counts).tolist()
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device.torch_device)
-            for b in micro:
-                with device.autocast(dtype):
-                    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                                   use_cache=False).logits
-                    nll = token_nll_sum(logits, b["labels"])
-                (nll / n_targets).backward()
-                device.mark_step()
-                loss_sum += nll.detach().double()
-            _all_reduce_grads(params)
-            loss = (_all_reduce(loss_sum) / n_targets).item()
-            grad_norm = float(device.clip_grad_norm(params, cfg.max_grad_norm))
+            micro = [idx[a, rank] for a in range(cfg.grad_accum)]
+            loss, grad_norm, n_tokens = train_step(model, data, micro, params, device, dtype, cfg.max_grad_norm)
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                what = "loss" if not math.isfinite(loss) else "gradient norm"
+                what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", grad_norm)
                 good = checkpoint_steps(out)
                 where = (f"the last good checkpoint is {out / 'checkpoints' / f'step-{good[-1]}'}" if good
                          else "no checkpoint was written yet")
-                raise TrainingDiverged(f"{what} became {loss if what == 'loss' else grad_norm} at step {step}: "
-                                       f"training stopped; {where} (lower --lr and start again, or --resume)")
+                raise TrainingDiverged(f"{what} became {value} at step {step}: training stopped; {where} "
+                                       "(lower --lr and start again, or --resume)")
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             scheduler.step()
@@ -485,6 +496,7 @@ def train(cfg: TrainConfig, out_mode: str | None = None) -> TrainResult:
             progress.update(step, window["loss"] / window["steps"], lr, tokens_per_s, log)
             if log:
                 window = {"loss": 0.0, "steps": 0, "tokens": 0.0, "t0": time.time()}
+            paused = time.time()            # eval and checkpoint time is not training throughput
             if eval_data is not None and cfg.eval_every and step % cfg.eval_every == 0 and step != total:
                 eval_loss = evaluate(model, eval_data, cfg.batch_size, device, dtype)
                 if rank == 0:
@@ -492,6 +504,7 @@ def train(cfg: TrainConfig, out_mode: str | None = None) -> TrainResult:
                     metrics.flush()
             if (cfg.save_every and step % cfg.save_every == 0) or step == total:
                 _save(out, step, model, optimizer, scheduler, device, cfg, epoch, k, last_loss, rank, world)
+            window["t0"] += time.time() - paused
     finally:
         progress.close()
         if metrics is not None:

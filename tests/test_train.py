@@ -115,6 +115,27 @@ def test_outputs_of_a_run(tiny, tmp_path):
     assert torch.allclose(fresh(ids).logits, res.model.eval()(ids).logits, atol=1e-6)
 
 
+def test_pack_eval_split_and_periodic_eval(tiny, tmp_path):
+    out = tmp_path / "run"
+    res = train(tiny_config(tiny, out, pack=True, max_seq_len=16, eval_split=0.25, eval_every=2, max_steps=4))
+    rows = metrics(out)
+    evals = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [2]                  # the eval at the end goes to eval.json
+    assert math.isfinite(evals[0]["eval_loss"])
+    assert json.loads((out / "eval.json").read_text())["eval_loss"] == pytest.approx(res.eval_loss)
+
+
+def test_resuming_a_finished_run_changes_nothing(tiny, tmp_path):
+    cfg = tiny_config(tiny, tmp_path / "run", max_steps=3)
+    train(cfg)
+    before = adapter(cfg.out + "/adapter")
+    again = train(tiny_config(tiny, tmp_path / "run", max_steps=3, resume=True))
+    assert again.step == 3 and again.train_loss == metrics(cfg.out)[-1]["loss"]
+    after = adapter(cfg.out + "/adapter")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert [r["step"] for r in metrics(cfg.out)] == [1, 2, 3]
+
+
 def test_grad_accum_equals_one_big_batch(tiny, tmp_path):
     a = train(tiny_config(tiny, tmp_path / "a", batch_size=8, grad_accum=1, max_steps=3))
     b = train(tiny_config(tiny, tmp_path / "b", batch_size=4, grad_accum=2, max_steps=3))
