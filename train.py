@@ -109,6 +109,8 @@ def build_config(args: argparse.Namespace):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()          # our own bar is the one that matters
     from lora import LoRAError
     from lora.trainer import TrainingDiverged, train
     try:
