@@ -105,6 +105,8 @@ def run(args) -> None:
         if not (DEMO_DIR / "base").is_dir() or not (DEMO_DIR / "adapter").is_dir():
             raise LoRAError(f"no --model given and no demo run at {DEMO_DIR} (run `python train.py` first)")
         if args.prompt is None and args.prompt_file is None:
+            if args.chat_template or args.format != "plain":
+                raise LoRAError("the demo's prompts are plain text: --chat-template/--format need --prompt or --prompt-file")
             from lora.infer_demo import run_demo
             return run_demo(DEMO_DIR, args, sampling)
         args.model, args.adapter = str(DEMO_DIR / "base"), str(DEMO_DIR / "adapter")
