@@ -47,6 +47,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     lo.add_argument("--target-modules", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                     help="comma-separated module names (suffix match), or all-linear (default: all 7 Llama projections)")
     lo.add_argument("--use-rslora", action="store_true", help="scaling = alpha / sqrt(r)")
+    lo.add_argument("--layers-to-transform", help="comma-separated layer indices to adapt (default: all)")
+    lo.add_argument("--exclude-modules", help="comma-separated module names (suffix match) never adapted")
+    lo.add_argument("--rank-pattern", help='per-module r as JSON, e.g. \'{"down_proj": 16}\'')
+    lo.add_argument("--alpha-pattern", help='per-module alpha as JSON, e.g. \'{"down_proj": 32}\'')
+    lo.add_argument("--init-lora-weights", default="true", choices=["true", "gaussian", "false"],
+                    help="true: kaiming A, zero B (PEFT's default); gaussian: A ~ N(0, 1/r), zero B; "
+                         "false: both random (the adapter is not a no-op at step 0)")
 
     op = p.add_argument_group("optimisation")
     op.add_argument("--batch-size", type=int, help=f"examples per process per micro-batch ({default('batch_size')})")
@@ -93,8 +100,12 @@ def build_config(args: argparse.Namespace):
              for k in GENERAL_DEFAULTS}
     targets = args.target_modules.strip()
     targets = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
-    lora = LoRAConfig(r=value["r"], lora_alpha=value["lora_alpha"], lora_dropout=args.lora_dropout,
-                      target_modules=targets, use_rslora=args.use_rslora)
+    lora = LoRAConfig(
+        r=value["r"], lora_alpha=value["lora_alpha"], lora_dropout=args.lora_dropout, target_modules=targets,
+        use_rslora=args.use_rslora, layers_to_transform=_int_list(args.layers_to_transform, "--layers-to-transform"),
+        exclude_modules=_name_list(args.exclude_modules), rank_pattern=_json_dict(args.rank_pattern, "--rank-pattern"),
+        alpha_pattern=_json_dict(args.alpha_pattern, "--alpha-pattern"),
+        init_lora_weights={"true": True, "false": False, "gaussian": "gaussian"}[args.init_lora_weights])
     cfg = TrainConfig(
         model=args.model or "", data=args.data or "", out=args.out, eval_data=args.eval_data,
         eval_split=args.eval_split, max_seq_len=value["max_seq_len"], pack=args.pack,
@@ -105,6 +116,33 @@ def build_config(args: argparse.Namespace):
         log_every=value["log_every"], keep_checkpoints=args.keep_checkpoints, resume=args.resume,
         force=args.force, progress=not args.no_progress, lora=lora)
     return cfg, demo
+
+
+def _name_list(text: str | None) -> list[str] | None:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+def _int_list(text: str | None, flag: str) -> list[int] | None:
+    from lora import LoRAError
+    try:
+        return [int(t) for t in _name_list(text)] if text else None
+    except ValueError:
+        raise LoRAError(f"{flag} must be comma-separated integers, got {text!r}") from None
+
+
+def _json_dict(text: str | None, flag: str) -> dict:
+    import json
+
+    from lora import LoRAError
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise LoRAError(f"{flag}: not valid JSON ({e.msg})") from None
+    if not isinstance(value, dict):
+        raise LoRAError(f"{flag} must be a JSON object {{pattern: value}}")
+    return value
 
 
 def main(argv=None) -> int:

@@ -5,7 +5,9 @@ tokens (<pad>, <s>, </s>, <unk>). Any other character encodes as <unk>. It is wh
 model uses, so a typed prompt always encodes and `decode` gives back the text unchanged: the
 `Fuse` decoder joins tokens with no separator and `clean_up_tokenization_spaces` is off.
 
-Like Llama's tokenizers, `tokenizer(text)` prepends <s>; `add_special_tokens=False` does not.
+Like Llama's tokenizers, `tokenizer(text)` prepends <s>; `add_special_tokens=False` does not. As in
+every HF tokenizer, the literal text of a special token (e.g. "</s>") in the input encodes as that
+special token; it still decodes back to the same text.
 """
 from __future__ import annotations
 

@@ -158,6 +158,17 @@ def test_bf16_autocast_runs_on_cpu(tiny, tmp_path):
     assert all(t.dtype == torch.float32 for t in adapter(res.out / "adapter").values())   # PEFT keeps fp32
 
 
+def test_plain_progress_line_without_tqdm(monkeypatch, capsys):
+    from lora.trainer import Progress
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)          # import fails as if not installed
+    bar = Progress(total=10, initial=0, enabled=True)
+    assert bar.bar is None
+    bar.update(5, loss=1.25, lr=2e-4, tokens_per_s=1234.5, log=True)
+    bar.update(6, loss=1.0, lr=2e-4, tokens_per_s=1.0, log=False)    # only log steps print
+    line = capsys.readouterr().err
+    assert line.startswith("step 5/10  loss 1.2500  lr 2.00e-04  1,234 tok/s  ETA ") and line.count("\n") == 1
+
+
 # -- resume after SIGKILL -------------------------------------------------------------------------
 def run_cli(args, **kw):
     # One thread: on a busy machine a tiny model's ops wait on a descheduled second thread.
@@ -212,13 +223,16 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path, capsy
 def test_two_gloo_processes_match_one_process(tiny, tmp_path):
     """torchrun, 2 processes × batch 4 = one process × batch 8: same losses and adapter (fp32 tolerance)."""
     out2 = tmp_path / "ddp"
-    args = tiny_args(tiny, out2, "--max-steps", 4, "--batch-size", 4, "--log-every", 1, "--device", "cpu")
+    args = tiny_args(tiny, out2, "--max-steps", 4, "--batch-size", 4, "--log-every", 1, "--device", "cpu",
+                     "--eval-data", tiny / "eval.jsonl")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(ROOT / "train.py"), *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    one = train(tiny_config(tiny, tmp_path / "one", max_steps=4, batch_size=8))
+    one = train(tiny_config(tiny, tmp_path / "one", max_steps=4, batch_size=8, eval_data=str(tiny / "eval.jsonl")))
+    # Eval is sharded over the ranks (16 examples = 4 batches of 4) and reduced.
+    assert json.loads((out2 / "eval.json").read_text())["eval_loss"] == pytest.approx(one.eval_loss, rel=1e-5)
     assert json.loads((out2 / "run.json").read_text())["world_size"] == 2
     assert [r["loss"] for r in metrics(out2)] == pytest.approx([r["loss"] for r in metrics(one.out)], rel=1e-5)
     ta, tb = adapter(out2 / "adapter"), adapter(one.out / "adapter")
@@ -270,6 +284,23 @@ def test_out_dir_holding_another_run(tiny, tmp_path, capsys):
     (tmp_path / "other" / "notes.txt").write_text("not a run")
     with pytest.raises(LoRAError, match="not empty and holds no training run"):
         check_out_dir(tiny_config(tiny, tmp_path / "other"))
+
+
+def test_cli_flags_build_the_config():
+    cfg, demo = train_cli.build_config(train_cli.parse_args([]))
+    assert demo and (cfg.lr, cfg.max_steps, cfg.lora.r, cfg.lora.lora_alpha) == (5e-3, 60, 16, 32)
+    cfg, demo = train_cli.build_config(train_cli.parse_args(["--lr", "1e-3", "--r", "4"]))
+    assert demo and (cfg.lr, cfg.lora.r) == (1e-3, 4)                       # a given flag wins
+    cfg, demo = train_cli.build_config(train_cli.parse_args([
+        "--model", "m", "--data", "d.jsonl", "--target-modules", "q_proj, v_proj", "--layers-to-transform", "0,2",
+        "--exclude-modules", "v_proj", "--rank-pattern", '{"q_proj": 4}', "--alpha-pattern", '{"q_proj": 2}',
+        "--init-lora-weights", "gaussian", "--lora-dropout", "0.1", "--use-rslora"]))
+    assert not demo and (cfg.lr, cfg.max_steps, cfg.batch_size, cfg.max_seq_len) == (2e-4, None, 4, 512)
+    assert cfg.lora == LoRAConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["q_proj", "v_proj"],
+                                  use_rslora=True, layers_to_transform=[0, 2], exclude_modules=["v_proj"],
+                                  rank_pattern={"q_proj": 4}, alpha_pattern={"q_proj": 2}, init_lora_weights="gaussian")
+    with pytest.raises(LoRAError, match="--rank-pattern: not valid JSON"):
+        train_cli.build_config(train_cli.parse_args(["--rank-pattern", "{q: 4}"]))
 
 
 def test_too_few_examples_for_one_step(tiny, tmp_path):
