@@ -334,9 +334,12 @@ def load_tokenizer(model_dir: str):
 
 def load_model(model_dir: str, dtype: torch.dtype, device: Device) -> torch.nn.Module:
     """The frozen base from safetensors only, in `dtype`, on the device; no remote code."""
+    import transformers
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True,
-                                                 local_files_only=True, trust_remote_code=False)
+    major, minor = (int(v) for v in transformers.__version__.split(".")[:2])
+    dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"    # renamed in 4.56
+    model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True, local_files_only=True,
+                                                 trust_remote_code=False, **{dtype_kw: dtype})
     return model.to(device.torch_device)
 
 
