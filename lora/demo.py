@@ -3,15 +3,17 @@
 Base: a 2.9M-parameter Llama (4 layers, hidden 256, 8 query heads sharing 2 key/value heads, tied
 embeddings) with random weights from a fixed seed, and the character tokenizer of `lora.tokenizer`.
 Its only non-default structure: the final RMSNorm gain is 4 instead of 1. With HF's init (std 0.02)
-the tied output head cannot put a logit more than ~±3 above the rest, so even a perfect adapter
-would keep a loss near 2; a gain of 4 lets the trained model be confident. The base stays random
-and frozen: it never sees the task.
+the final hidden state has norm ~16 and each tied embedding row ~0.32, so no token's logit can
+exceed another's by more than ~5: against 100 other tokens even a perfect adapter would keep a loss
+near 0.5. A gain of 4 lifts that ceiling to ~20. The base stays random and frozen: it never sees
+the task.
 
 Task: a fixed letter substitution (a random permutation of a–z) applied to 6-letter words:
-    prompt "hello=" -> completion "vbzzk" (+ </s>)
-The model has to attend from each output position back to the input letter 7 places earlier and
-map it, which the random base cannot do (exact match ≈ 0) and a rank-16 adapter learns it in 60 steps.
-Held-out words never appear in training, so exact match measures the learned rule, not recall.
+    prompt "bcclfx=" -> completion "errnqd" (+ </s>)
+Each output letter is the image of the input letter 7 positions before it, so the model has to
+learn that attention offset and the mapping: the random base cannot (exact match 0), a rank-16
+adapter learns both in 60 steps. Held-out words never appear in training, so exact match measures
+the learned rule, not recall.
 
 Reusable pieces: `build_demo_base`, `make_task_examples`, `heldout_examples`, `greedy_complete`,
 `exact_match`.
