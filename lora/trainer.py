@@ -10,7 +10,9 @@ One optimizer step:
 
 Outputs under `out`: run.json (the arguments that define the run), metrics.jsonl, checkpoints/step-N/
 (adapter/, trainer_state.pt with optimizer + scheduler + RNG states, state.json with the data
-position), adapter/ (final, PEFT format) and eval.json. Only rank 0 writes; every write is atomic.
+position), adapter/ (final, PEFT format) and eval.json. Only rank 0 writes. Checkpoints, the
+adapter, run.json and eval.json are written atomically (temporary + rename); metrics.jsonl is
+appended a line at a time and cut back to the checkpoint's step on resume.
 """
 from __future__ import annotations
 
