@@ -57,7 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bucket", type=int, default=0, metavar="N",
                    help="pad prompts and the KV cache to multiples of N tokens, so decode steps have one "
                         "static shape (for graph-compiling devices such as HPU); 0 = off. Same tokens either way")
-    p.add_argument("--device", default="auto", help="auto (CUDA when available, else cpu), cpu or cuda")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "hpu"),
+                   help="auto: Gaudi (HPU) when habana_frameworks sees one, else CUDA, else CPU (default auto). "
+                        "On HPU, shapes are static: --bucket defaults to 32 and 0 is refused")
+    p.add_argument("--hpu-mode", default="lazy", choices=("lazy", "eager"),
+                   help="HPU execution mode, set as PT_HPU_LAZY_MODE before any habana import: lazy "
+                        "(+ HPU Graphs) or eager (+ torch.compile hpu_backend) (default lazy)")
+    p.add_argument("--hpu-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="wrap the model in an HPU Graph (wrap_in_hpu_graph); lazy mode only (default: on in lazy mode)")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="dtype of the base weights (auto: as saved in the checkpoint; the adapter stays fp32)")
     p.add_argument("--jsonl", action="store_true",
@@ -91,10 +98,12 @@ def read_prompts(path: str) -> list[str]:
 def run(args) -> None:
     from lora import LoRAError
     from lora.generate import Sampling
-    from lora.inference import TextStream, complete, load_model
+    from lora.inference import TextStream, complete, load_model, resolve_inference_device
 
     if args.jsonl and args.prompt_file is None:
         raise LoRAError("--jsonl applies to --prompt-file output only")
+    args.device, args.bucket = resolve_inference_device(args.device, args.hpu_mode, args.hpu_graphs, args.bucket,
+                                                        args.bucket_given)
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
     if not sampling.greedy and args.seed is None:
         # A fresh seed per run, reported with the timing so that the run can be repeated.
@@ -134,6 +143,11 @@ def run(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.bucket_given = any(a == "--bucket" or a.startswith("--bucket=") for a in (sys.argv[1:] if argv is None else argv))
+    if args.device in ("auto", "hpu"):
+        # Before anything (transformers included) can import habana_frameworks.
+        from lora.device import set_hpu_mode
+        set_hpu_mode(args.hpu_mode)
     from transformers.utils import logging as hf_logging
 
     from lora import LoRAError

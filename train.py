@@ -69,10 +69,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     op.add_argument("--seed", type=int, default=0, help="seeds the adapter init, data order and dropout (default 0)")
 
     rt = p.add_argument_group("runtime")
-    rt.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                    help="auto: CUDA when available, else CPU (default auto)")
+    rt.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "hpu"],
+                    help="auto: Gaudi (HPU) when habana_frameworks sees one, else CUDA, else CPU (default auto)")
+    rt.add_argument("--hpu-mode", default="lazy", choices=["lazy", "eager"],
+                    help="HPU execution mode, set as PT_HPU_LAZY_MODE before any habana import: lazy "
+                         "(graphs flushed by mark_step) or eager (+ torch.compile hpu_backend) (default lazy)")
+    rt.add_argument("--hpu-graphs", action=argparse.BooleanOptionalAction, default=None,
+                    help="HPU Graphs for the training step (ModuleCacher); lazy mode only (default: on in lazy mode)")
     rt.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
-                    help="base weights and autocast dtype; auto = bf16 on CUDA, fp32 on CPU (default auto)")
+                    help="base weights and autocast dtype; auto = bf16 on CUDA and HPU, fp32 on CPU (default auto)")
     rt.add_argument("--grad-checkpointing", action="store_true",
                     help="recompute activations in backward: less memory, ~30%% more compute")
     rt.add_argument("--eval-every", type=int, default=0, help="eval loss every N steps (default 0: at the end only)")
@@ -112,6 +117,7 @@ def build_config(args: argparse.Namespace):
         batch_size=value["batch_size"], grad_accum=args.grad_accum, lr=value["lr"],
         weight_decay=args.weight_decay, warmup_steps=value["warmup_steps"], max_grad_norm=args.max_grad_norm,
         max_steps=value["max_steps"], epochs=args.epochs, seed=args.seed, dtype=args.dtype, device=args.device,
+        hpu_mode=args.hpu_mode, hpu_graphs=args.hpu_graphs,
         grad_checkpointing=args.grad_checkpointing, eval_every=args.eval_every, save_every=value["save_every"],
         log_every=value["log_every"], keep_checkpoints=args.keep_checkpoints, resume=args.resume,
         force=args.force, progress=not args.no_progress, lora=lora)
@@ -147,6 +153,11 @@ def _json_dict(text: str | None, flag: str) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.device in ("auto", "hpu"):
+        # Before anything (transformers included) can import habana_frameworks: the lazy/eager
+        # default changed between Gaudi releases, so the mode is always set explicitly.
+        from lora.device import set_hpu_mode
+        set_hpu_mode(args.hpu_mode)
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()          # our own bar is the one that matters
     from lora import LoRAError

@@ -8,10 +8,12 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
 
 from .functional import lora_linear_torch
 
 _BACKEND = "auto"   # "auto" | "torch" | "triton"
+_GRAPH_SAFE = False  # set by lora.device for HPU graphs / torch.compile: no host-side dropout seeds
 
 
 def set_backend(name: str) -> None:
@@ -24,6 +26,18 @@ def set_backend(name: str) -> None:
 
 def get_backend() -> str:
     return _BACKEND
+
+
+def set_graph_safe(flag: bool) -> None:
+    """Graph capture (HPU Graphs, lazy mode, torch.compile) replays Python once: a dropout seed drawn
+    on the host would be frozen into the graph. In graph-safe mode dropout uses the device's own RNG
+    (`F.dropout`, which saves its mask) and nothing in the forward touches the host."""
+    global _GRAPH_SAFE
+    _GRAPH_SAFE = bool(flag)
+
+
+def graph_safe() -> bool:
+    return _GRAPH_SAFE
 
 
 def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
@@ -54,7 +68,16 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: floa
         if uses_triton(x):
             from .kernels import lora_linear as lora_linear_triton
             return lora_linear_triton(*args, scaling, dropout_p)
+        if _GRAPH_SAFE and dropout_p > 0:
+            return _lora_linear_graph_safe(*args, scaling, dropout_p)
         return lora_linear_torch(*args, scaling, dropout_p)
+
+
+def _lora_linear_graph_safe(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
+    """Plain autograd ops, dropout from the device RNG: capturable as one static graph."""
+    xd = F.dropout(x, dropout_p, training=True)
+    return torch.addmm(F.linear(x, weight, bias).flatten(0, -2), F.linear(xd, lora_A).flatten(0, -2),
+                       lora_B.t(), alpha=scaling).view(*x.shape[:-1], weight.shape[0])
 
 
 def grouped_lora_linear(group, member, x: torch.Tensor) -> torch.Tensor:

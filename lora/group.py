@@ -96,8 +96,9 @@ class SharedInputGroup:
         return (x._version, torch.is_grad_enabled(), torch.is_autocast_enabled(dev),
                 tuple((m.lora_A._version, m.lora_B._version, m.weight._version, m.training) for m in self.members))
 
-    def active(self) -> bool:
-        return all(not (m.merged or m.disabled) for m in self.members)
+    def active(self, x: torch.Tensor) -> bool:
+        # Inference-mode tensors carry no version counter to tell an in-place change: no sharing.
+        return not x.is_inference() and all(not (m.merged or m.disabled) for m in self.members)
 
     def forward(self, member, x: torch.Tensor, cast) -> torch.Tensor:
         """`member`'s output for `x`; `cast` maps (x, W, b, A, B) to the compute dtype (see backend)."""

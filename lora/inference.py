@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from .adapter import load_adapter
-from .device import resolve_device
+from .device import Device, resolve_device
 from .errors import LoRAError
 from .generate import Generated, Sampling, context_length, generate
 from .inject import merge_lora
@@ -27,7 +27,7 @@ FORMATS = ("plain", "guanaco")
 
 
 def load_model(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike | None = None, merge: bool = False,
-               device: str = "cpu", dtype: str = "auto", trust_remote_code: bool = False):
+               device: str | Device = "cpu", dtype: str = "auto", trust_remote_code: bool = False):
     """The causal LM and tokenizer saved in `model_dir`, with the adapter applied (and folded in
     when `merge`), in eval mode on `device` ("auto", "cpu", "cuda": lora.device). dtype "auto" keeps
     the checkpoint's own dtype; "fp32", "bf16", "fp16" convert the base (the adapter stays fp32)."""
@@ -42,7 +42,7 @@ def load_model(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike | No
         raise LoRAError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
     if merge and adapter_dir is None:
         raise LoRAError("--merge needs an adapter (--adapter DIR)")
-    target = resolve_device(device).torch_device
+    device = device if isinstance(device, Device) else resolve_device(device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError) as e:
@@ -59,7 +59,20 @@ def load_model(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike | No
             merge_lora(model)
     for p in model.parameters():
         p.requires_grad_(False)
-    return model.to(target).eval(), tokenizer
+    return device.prepare_inference(model.to(device.torch_device).eval()), tokenizer
+
+
+def resolve_inference_device(name: str, hpu_mode: str = "lazy", hpu_graphs: bool | None = None,
+                             bucket: int = 0, bucket_given: bool = False) -> tuple[Device, int]:
+    """The device and the static-shape bucket to generate with. Graph-compiling devices (HPU) compile
+    one graph per new shape, so there the prompt and cache are always padded to buckets (default 32)."""
+    device = resolve_device(name, hpu_mode=hpu_mode, hpu_graphs=hpu_graphs)
+    if device.static_shapes():
+        if bucket == 0 and bucket_given:
+            raise LoRAError(f"--bucket 0 (dynamic shapes) is not possible on {device.name}: every new shape "
+                            "is a graph compile")
+        bucket = bucket or 32
+    return device, bucket
 
 
 def _first_line(e: BaseException) -> str:

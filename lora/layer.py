@@ -68,9 +68,10 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or self.disabled:
             return F.linear(x, self.weight, self.bias)
-        if self.group is not None and self.group.active() and not backend.uses_triton(x):
-            return backend.grouped_lora_linear(self.group, self, x)
         p = self.lora_dropout if self.training else 0.0
+        if (self.group is not None and self.group.active(x) and not backend.uses_triton(x)
+                and not (p > 0 and backend.graph_safe())):
+            return backend.grouped_lora_linear(self.group, self, x)
         return backend.lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, p)
 
     # -- merge / unmerge --------------------------------------------------------------------

@@ -72,7 +72,9 @@ class TrainConfig:
     epochs: float = 1.0
     seed: int = 0
     dtype: str = "auto"                          # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
-    device: str = "auto"
+    device: str = "auto"                         # auto | cpu | cuda | hpu
+    hpu_mode: str = "lazy"                       # HPU: PT_HPU_LAZY_MODE=1 (lazy) or 0 (eager)
+    hpu_graphs: bool | None = None               # HPU Graphs (ModuleCacher); None: on in lazy mode
     grad_checkpointing: bool = False
     eval_every: int = 0                          # 0: only at the end
     save_every: int = 200                        # a checkpoint is always written at the end
@@ -398,7 +400,7 @@ def train(cfg: TrainConfig, out_mode: str | None = None) -> TrainResult:
     if limit is not None and cfg.max_seq_len > limit:
         raise LoRAError(f"--max-seq-len {cfg.max_seq_len} exceeds the model's limit "
                         f"(max_position_embeddings = {limit})")
-    device = resolve_device(cfg.device, local_rank)
+    device = resolve_device(cfg.device, local_rank, cfg.hpu_mode, cfg.hpu_graphs)
     dtype = device.resolve_dtype(cfg.dtype)
     mode = out_mode or check_out_dir(cfg)
     tokenizer = load_tokenizer(cfg.model)
@@ -413,7 +415,7 @@ def train(cfg: TrainConfig, out_mode: str | None = None) -> TrainResult:
 
     # ---- every input is valid: start working ----
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend=device.dist_backend)
+        device.init_process_group()
     out = Path(cfg.out)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -484,6 +486,7 @@ def train(cfg: TrainConfig, out_mode: str | None = None) -> TrainResult:
                                        "(lower --lr and start again, or --resume)")
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
+            device.mark_step()                   # lazy mode: the optimizer update is its own graph
             scheduler.step()
             optimizer.zero_grad(set_to_none=device.zero_grad_set_to_none)
             device.mark_step()

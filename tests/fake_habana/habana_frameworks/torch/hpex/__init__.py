@@ -1,0 +1,1 @@
+from . import normalization, optimizers  # noqa: F401
