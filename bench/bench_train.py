@@ -105,12 +105,12 @@ def make_batch(base, args):
 
 
 def step(model, opt, ids, args):
-    """One training step. The floor runs the same forward + backward with every weight frozen; its
-    input embeddings require grad so the backward reaches every layer (input gradients only)."""
+    """One training step. The floor runs the same forward + backward with every weight frozen. Every
+    provider's input embeddings require grad, so all of them compute the same input gradients (the
+    floor's backward must reach every layer; LoRA alone would skip layer 0's dX) and the difference
+    is the adapter's cost alone."""
     model.train()
-    emb = model.get_input_embeddings()(ids)
-    if opt is None:
-        emb = emb.detach().requires_grad_()
+    emb = model.get_input_embeddings()(ids).detach().requires_grad_()
     autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.dtype == "bf16" and args.device != "cpu")
     with autocast:
         loss = model(inputs_embeds=emb, labels=ids).loss
@@ -151,23 +151,53 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+class PeakRSS:
+    """Samples the resident set every millisecond in a thread; `peak` is the highest seen."""
+
+    def __init__(self):
+        import threading
+        self.peak, self._stop = rss_mb(), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, rss_mb())
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_mb())
+
+
 def memory_child(args, name):
-    """Runs in a subprocess: peak RSS of `name`'s steps, and the growth above the resident model."""
+    """Runs in a subprocess: the peak resident memory of `name`'s training steps, and how far it
+    rises above the resident model (weights, adapter, optimizer state after a first step)."""
     base = build_base(args)
     ids = make_batch(base, args)
     model, opt = make_provider(name, base, args)
     del base
+    step(model, opt, ids, args)              # optimizer state exists from here on
     if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated() / 2**20
         for _ in range(2):
             step(model, opt, ids, args)
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
+        import ctypes
+        import gc
+        gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)      # hand freed pages back, so RSS = live memory
         before = rss_mb()
-        for _ in range(2):
-            step(model, opt, ids, args)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        with PeakRSS() as sampler:
+            for _ in range(2):
+                step(model, opt, ids, args)
+        peak = sampler.peak
     print(json.dumps({"peak_mb": peak, "step_mb": peak - before}))
 
 
@@ -201,13 +231,16 @@ def main(argv=None):
     rows = []
     for n in names:
         med = statistics.median(times[n])
-        rows.append(dict(provider=n, step_s=med, tokens_per_s=tokens / med, steps=times[n]))
-    floor = next((r["step_s"] for r in rows if r["provider"] == "floor"), None)
-    peft_s = next((r["step_s"] for r in rows if r["provider"] == "peft"), None)
+        rows.append(dict(provider=n, step_s=med, min_step_s=min(times[n]), tokens_per_s=tokens / med, steps=times[n]))
+    # Ratios are medians of per-round ratios: each round runs every provider once, back to back,
+    # so drift in machine speed (shared cores) cancels within a round.
+    per_round = lambda a, b: statistics.median(x / y for x, y in zip(times[a], times[b]))
+    floor = "floor" if "floor" in names else None
+    peft_s = "peft" if "peft" in names else None
     n_params = sum(p.numel() for p in models[names[0]][0].parameters() if not p.requires_grad)
     for r in rows:
-        r["ratio_to_floor"] = r["step_s"] / floor if floor else None
-        r["speedup_vs_peft"] = peft_s / r["step_s"] if peft_s else None
+        r["ratio_to_floor"] = per_round(r["provider"], floor) if floor else None
+        r["speedup_vs_peft"] = per_round(peft_s, r["provider"]) if peft_s else None
         if args.device.startswith("cuda"):      # MFU: 6·N·tokens for the base fwd+bwd would count dW;
             flops = 4 * n_params * tokens       # the frozen base needs fwd (2N) + input grads (2N) per token
             r["mfu"] = flops / r["step_s"] / PEAK_TFLOPS.get(args.dtype, 1) / 1e12
@@ -236,14 +269,14 @@ PEAK_TFLOPS = {"bf16": 989.0, "fp32": 494.0}   # H100 SXM dense tensor-core peak
 
 def table(result) -> str:
     c = result["config"]
-    lines = [f"{result['device']} · preset {c['preset']}{' layers=' + str(c['layers']) if c['layers'] else ''} · "
+    lines = [f"{result['device']} · ratios are medians of per-round ratios · preset {c['preset']}{' layers=' + str(c['layers']) if c['layers'] else ''} · "
              f"batch {c['batch']} × seq {c['seq']} · r={c['r']} · dropout {c['dropout']} · {c['dtype']} · "
              f"median of {c['steps']} alternating steps",
-             "", "| provider | step (s) | tokens/s | × floor | PEFT ÷ this | peak RSS (MB) | step memory (MB) | step mem ÷ PEFT's |",
-             "|---|---|---|---|---|---|---|---|"]
+             "", "| provider | step (s), median | min | tokens/s | × floor | PEFT ÷ this | peak RSS (MB) | step memory (MB) | step mem ÷ PEFT's |",
+             "|---|---|---|---|---|---|---|---|---|"]
     f = lambda v, fmt: "–" if v is None else format(v, fmt)
     for r in result["results"]:
-        lines.append(f"| {r['provider']} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {f(r['ratio_to_floor'], '.3f')} | "
+        lines.append(f"| {r['provider']} | {r['step_s']:.3f} | {r['min_step_s']:.3f} | {r['tokens_per_s']:.0f} | {f(r['ratio_to_floor'], '.3f')} | "
                      f"{f(r['speedup_vs_peft'], '.3f')} | {f(r.get('peak_mb'), '.0f')} | {f(r.get('step_mb'), '.0f')} | "
                      f"{f(r.get('step_mem_vs_peft'), '.2f')} |")
     return "\n".join(lines)

@@ -64,8 +64,10 @@ def test_dropout_uses_the_same_mask_in_forward_and_backward():
     dy = torch.randn_like(y)
     y.backward(dy)
     mask = dropout_scale(x.detach(), p, seed)
-    assert set(mask.unique().tolist()) <= {0.0, torch.tensor(1 / (1 - p)).item()}
-    assert 0.2 < (mask == 0).float().mean() < 0.6
+    k = round(p * 65536)                                       # p in steps of 1/65536
+    assert set(mask.unique().tolist()) == {0.0, torch.tensor(65536 / (65536 - k)).item()}
+    assert abs((mask == 0).float().mean() - p) < 0.03
+    assert torch.equal(mask, dropout_scale(x.detach(), p, seed)) and not torch.equal(mask, dropout_scale(x.detach(), p, seed + 1))
     xr = x.detach().double().requires_grad_()
     Ar = layer.lora_A.detach().double().requires_grad_()
     Br = layer.lora_B.detach().double().requires_grad_()
@@ -178,3 +180,13 @@ def test_parameter_names_keep_the_base_keys():
     layer = make_layer()
     assert set(dict(layer.named_parameters())) == {"weight", "bias", "lora_A", "lora_B"}
     assert layer.lora_A.shape == (5, 45) and layer.lora_B.shape == (29, 5)
+
+
+def test_dropout_mask_statistics_and_unbiasedness():
+    like = torch.empty(400, 1000)
+    for p in (0.05, 0.3):
+        m = dropout_scale(like, p, seed=11)
+        assert abs((m == 0).float().mean().item() - p) < 0.005
+        assert abs(m.double().mean().item() - 1.0) < 0.01              # E[mask] = 1
+    odd = dropout_scale(torch.empty(3, 5, 7), 0.5, seed=3)           # numel not a multiple of 4
+    assert odd.shape == (3, 5, 7) and 0 < (odd == 0).sum() < 105
