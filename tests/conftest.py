@@ -1,5 +1,13 @@
+import os
+
 import pytest
 import torch
+
+# Triton decides between its CPU interpreter and its compiler when a kernel is decorated, i.e. at
+# import, and transformers may import our kernels (as the top-level name `kernels`) long before the
+# kernel tests run. Without a GPU the kernels can only run interpreted: set it before anything.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def tiny_llama_config(**kw):
