@@ -1,7 +1,11 @@
-"""Chooses how `LoRALinear` computes its forward: fused Triton kernels or the plain PyTorch op.
+"""Chooses how `LoRALinear` computes its forward, in one place:
 
-The choice depends only on the device of the inputs (and on `set_backend`): Triton on CUDA when it
-imports, the plain autograd Function everywhere else (CPU, HPU, CUDA without Triton).
+- Triton's fused kernels on CUDA when they import (`set_backend("torch")` forces the plain op,
+  `"triton"` forces the kernels);
+- else the plain autograd Function (lora/functional.py), shared by q/k/v and by gate/up when the
+  layer belongs to a shared-input group (lora/group.py);
+- in graph-safe mode (HPU, set by lora.device), dropout from the device RNG instead of a host seed.
+Autocast is resolved here, as `nn.Linear` would: every input is cast to the autocast dtype.
 """
 from __future__ import annotations
 
@@ -58,6 +62,15 @@ def _cast(x, weight, bias, lora_A, lora_B, dtype):
 
 def uses_triton(x: torch.Tensor) -> bool:
     return _BACKEND == "triton" or (_BACKEND == "auto" and x.is_cuda and _triton_available())
+
+
+def lora_forward(layer, x: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    """`layer`'s LoRA output for `x` by the path that fits (see the module docstring)."""
+    group = layer.group
+    if (group is not None and group.active(x) and not uses_triton(x)
+            and not (dropout_p > 0 and _GRAPH_SAFE)):     # the group draws a host-side seed
+        return grouped_lora_linear(group, layer, x)
+    return lora_linear(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling, dropout_p)
 
 
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float) -> torch.Tensor:

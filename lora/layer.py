@@ -69,10 +69,7 @@ class LoRALinear(nn.Module):
         if self.merged or self.disabled:
             return F.linear(x, self.weight, self.bias)
         p = self.lora_dropout if self.training else 0.0
-        if (self.group is not None and self.group.active(x) and not backend.uses_triton(x)
-                and not (p > 0 and backend.graph_safe())):
-            return backend.grouped_lora_linear(self.group, self, x)
-        return backend.lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, p)
+        return backend.lora_forward(self, x, p)    # x Wᵀ + b + scaling · (dropout_p(x) Aᵀ) Bᵀ
 
     # -- merge / unmerge --------------------------------------------------------------------
     def delta_weight(self) -> torch.Tensor:
