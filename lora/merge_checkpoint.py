@@ -9,7 +9,8 @@ checkpoint tensor `<module>.weight`):
 Every other tensor is copied byte for byte. The output keeps the base's shard files, tensor order
 and index; only `--dtype` changes bytes elsewhere (float tensors converted, config.json's dtype set).
 
-Memory stays flat in the number of layers: safetensors headers are parsed by hand, a merged weight is
+Memory stays flat in the number of layers (the file format side is lora/safetensors_stream.py):
+safetensors headers are parsed by hand, a merged weight is
 read with one `pread` into a reused buffer, its adapter tensors only when it comes up, unchanged
 tensors are copied file-to-file by the kernel (`copy_file_range`, never through our address space),
 and each output shard's header is known before its data (same shapes, known dtypes), so it is
@@ -41,127 +42,13 @@ import torch
 from .adapter import PREFIX, WEIGHTS_NAME, read_adapter_config
 from .atomic import atomic_dir
 from .errors import LoRAError
+from .safetensors_stream import (
+    INDEX_NAME, DTYPES, FLOAT_NAMES, DTYPE_ARG, TORCH_NAME, Entry, Shard, read_checkpoint,
+    read_shard_header, pread_exact, write_all, copy_bytes, out_dtype, shard_header,
+)
 
-SINGLE_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
 # Files beside the weights that are weights in another format: never copied (they would be stale).
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
-_HEADER_LIMIT = 100 * 1024 * 1024        # safetensors' own bound on the JSON header
-_COPY_CHUNK = 64 * 1024 * 1024           # bytes per copy_file_range call (progress granularity)
-
-# safetensors dtype name -> (bytes per element, torch dtype or None when torch has no such dtype)
-_DTYPES = {
-    "F64": (8, torch.float64), "F32": (4, torch.float32), "F16": (2, torch.float16),
-    "BF16": (2, torch.bfloat16), "I64": (8, torch.int64), "I32": (4, torch.int32),
-    "I16": (2, torch.int16), "I8": (1, torch.int8), "U8": (1, torch.uint8), "BOOL": (1, torch.bool),
-    "U16": (2, None), "U32": (4, None), "U64": (8, None), "C64": (8, None),
-    "F8_E4M3": (1, getattr(torch, "float8_e4m3fn", None)), "F8_E5M2": (1, getattr(torch, "float8_e5m2", None)),
-    "F8_E8M0": (1, None),
-}
-# Only these are merged into or converted by --dtype (fp8 weights come with scales we do not model).
-_FLOAT_NAMES = {"F64", "F32", "F16", "BF16"}
-_DTYPE_ARG = {
-    "float32": "F32", "fp32": "F32", "float16": "F16", "fp16": "F16", "half": "F16",
-    "bfloat16": "BF16", "bf16": "BF16",
-}
-_TORCH_NAME = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
-
-
-# -- reading safetensors headers ----------------------------------------------------------------
-@dataclass
-class _Entry:
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    begin: int            # absolute byte offset in the file
-    nbytes: int
-
-
-@dataclass
-class _Shard:
-    path: Path
-    entries: list[_Entry]                 # in file (data offset) order
-    metadata: dict | None
-
-
-def _read_shard_header(path: Path) -> _Shard:
-    """Parse and fully check a safetensors header against the file's size (catches truncation)."""
-    def bad(msg: str):
-        raise LoRAError(f"{path}: corrupt or truncated safetensors file ({msg})")
-
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            bad(f"{size} bytes, too short for a header")
-        n = int.from_bytes(raw, "little")
-        if n > _HEADER_LIMIT or 8 + n > size:
-            bad(f"header length {n} does not fit a {size}-byte file")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            bad(f"header is not JSON: {e}")
-    if not isinstance(header, dict):
-        bad("header is not a JSON object")
-    metadata = header.pop("__metadata__", None)
-    data_start, entries = 8 + n, []
-    for name, info in header.items():
-        try:
-            dtype, shape, (b, e) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            bad(f"malformed entry for {name!r}")
-        if dtype not in _DTYPES:
-            raise LoRAError(f"{path}: tensor {name} has dtype {dtype}, which this merge does not support")
-        if not (isinstance(b, int) and isinstance(e, int)) or e < b or any(d < 0 for d in shape):
-            bad(f"bad offsets or shape for {name!r}")
-        if math.prod(shape) * _DTYPES[dtype][0] != e - b:
-            bad(f"{name}: {e - b} bytes for shape {list(shape)} {dtype}")
-        entries.append(_Entry(name, dtype, shape, data_start + b, e - b))
-    entries.sort(key=lambda t: t.begin)
-    end = data_start
-    for t in entries:
-        if t.begin != end:
-            bad(f"{t.name}: data does not follow the previous tensor")
-        end += t.nbytes
-    if end != size:
-        bad(f"data ends at byte {end} but the file has {size} bytes")
-    return _Shard(path, entries, metadata)
-
-
-def _read_checkpoint(base_dir: Path) -> tuple[list[_Shard], dict | None]:
-    """All shards' headers and the index (None for a single model.safetensors), cross-checked."""
-    if (base_dir / SINGLE_NAME).is_file():
-        return [_read_shard_header(base_dir / SINGLE_NAME)], None
-    index_path = base_dir / INDEX_NAME
-    if not index_path.is_file():
-        raise LoRAError(f"{base_dir}: no {SINGLE_NAME} or {INDEX_NAME} (only safetensors checkpoints are read)")
-    try:
-        index = json.loads(index_path.read_text())
-        weight_map = index["weight_map"]
-        assert isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AssertionError):
-        raise LoRAError(f"{index_path}: not a valid index (needs a 'weight_map' of tensor -> shard file)") from None
-    shards = []
-    for file in dict.fromkeys(weight_map.values()):
-        if Path(file).name != file or file in (".", ".."):
-            raise LoRAError(f"{index_path}: shard name {file!r} is not a plain file name")
-        if not (base_dir / file).is_file():
-            raise LoRAError(f"{index_path}: shard {file} is missing")
-        shard = _read_shard_header(base_dir / file)
-        for t in shard.entries:
-            listed = weight_map.get(t.name)
-            if listed is None:
-                raise LoRAError(f"{index_path}: missing index entry for tensor {t.name} (held by {file})")
-            if listed != file:
-                raise LoRAError(f"{index_path}: lists {t.name} in {listed}, but {file} holds it")
-        shards.append(shard)
-    held = {t.name for s in shards for t in s.entries}
-    for name, file in weight_map.items():
-        if name not in held:
-            raise LoRAError(f"{index_path}: lists {name} in {file}, which has no such tensor")
-    return shards, index
-
-
 # -- planning the merge -------------------------------------------------------------------------
 @dataclass
 class _Term:
@@ -177,13 +64,13 @@ class _Update:
     """Where a _Term's tensors live: read from the adapter file only when their weight is merged, so
     the adapter (which grows with the layers, too) is never held whole."""
     path: Path
-    lora_A: _Entry
-    lora_B: _Entry
+    lora_A: Entry
+    lora_B: Entry
     scaling: float
     weight: float
 
     def load(self, fd: int) -> _Term:
-        A, B = (_pread_exact(fd, e.nbytes, e.begin, self.path).view(_DTYPES[e.dtype][1]).reshape(e.shape)
+        A, B = (pread_exact(fd, e.nbytes, e.begin, self.path).view(DTYPES[e.dtype][1]).reshape(e.shape)
                 for e in (self.lora_A, self.lora_B))
         return _Term(A, B, self.scaling, self.weight)
 
@@ -201,15 +88,15 @@ def _adapter_file(adapter_dir: Path) -> Path:
 
 
 def _plan_updates(adapter_dirs: list[Path], weights: list[float],
-                  base: dict[str, _Entry]) -> dict[str, list[_Update]]:
+                  base: dict[str, Entry]) -> dict[str, list[_Update]]:
     """{checkpoint tensor name: updates in adapter order}; every mismatch is a one-line LoRAError.
     Only headers are read here: shapes and dtypes are checked before any tensor is."""
     plan: dict[str, list[_Update]] = {}
     for adapter_dir, w in zip(adapter_dirs, weights):
         config = read_adapter_config(adapter_dir)
         path = _adapter_file(adapter_dir)
-        pairs: dict[str, dict[str, _Entry]] = {}
-        for t in sorted(_read_shard_header(path).entries, key=lambda t: t.name):
+        pairs: dict[str, dict[str, Entry]] = {}
+        for t in sorted(read_shard_header(path).entries, key=lambda t: t.name):
             m = _KEY.match(t.name)
             if m is None:
                 raise LoRAError(f"{adapter_dir}: unexpected key {t.name} (expected {PREFIX}<module>.lora_A/B.weight)")
@@ -226,9 +113,9 @@ def _plan_updates(adapter_dirs: list[Path], weights: list[float],
                                 f"(no tensor {module}.weight)")
             lora_A, lora_B = ab["A"], ab["B"]
             for t in (lora_A, lora_B):
-                if t.dtype not in _FLOAT_NAMES or len(t.shape) != 2:
+                if t.dtype not in FLOAT_NAMES or len(t.shape) != 2:
                     raise LoRAError(f"{adapter_dir}: {t.name} must be a 2-D float tensor, got {t.dtype} {t.shape}")
-            if target.dtype not in _FLOAT_NAMES or len(target.shape) != 2:
+            if target.dtype not in FLOAT_NAMES or len(target.shape) != 2:
                 raise LoRAError(f"{adapter_dir}: base tensor {target.name} is {target.dtype} {target.shape}; "
                                 f"only 2-D F32/F16/BF16/F64 weights can be merged into")
             out_f, in_f = target.shape
@@ -321,61 +208,6 @@ class _Progress:
             self.bar.close()
 
 
-def _pread_exact(fd: int, n: int, offset: int, path: Path, buf: torch.Tensor | None = None) -> torch.Tensor:
-    """n bytes at `offset` as a uint8 tensor (into `buf`, a uint8 tensor of n bytes, when given)."""
-    buf = torch.empty(n, dtype=torch.uint8) if buf is None else buf
-    view, got = memoryview(buf.numpy()), 0
-    while got < n:
-        k = os.preadv(fd, [view[got:]], offset + got)
-        if k == 0:
-            raise LoRAError(f"{path}: truncated while reading (file changed during the merge?)")
-        got += k
-    return buf
-
-
-def _write_all(fd: int, data: torch.Tensor | bytes) -> None:
-    """Write a tensor's raw bytes (or bytes) at fd's position; os.write may write less than asked."""
-    if isinstance(data, torch.Tensor):
-        data = data.contiguous().reshape(-1).view(torch.uint8).numpy()
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def _copy_bytes(src: int, dst: int, offset: int, n: int, path: Path, step) -> None:
-    """Copy n bytes from src at `offset` to dst's current position, in the kernel when it can."""
-    done = 0
-    while done < n:
-        k = min(_COPY_CHUNK, n - done)
-        try:
-            got = os.copy_file_range(src, dst, k, offset + done)
-        except (OSError, AttributeError):          # other filesystem, old kernel, no syscall
-            got = os.write(dst, os.pread(src, k, offset + done))
-        if got == 0:
-            raise LoRAError(f"{path}: truncated while reading (file changed during the merge?)")
-        done += got
-        step(got)
-
-
-def _out_dtype(entry: _Entry, dtype: str | None) -> str:
-    return dtype if dtype is not None and entry.dtype in _FLOAT_NAMES else entry.dtype
-
-
-def _shard_header(shard: _Shard, dtype: str | None) -> tuple[bytes, int]:
-    """The output shard's header (8-byte length + JSON, padded to 8 bytes) and its data size."""
-    meta = dict(shard.metadata or {})
-    meta.setdefault("format", "pt")              # transformers refuses files without it
-    header, offset = {"__metadata__": meta}, 0
-    for t in shard.entries:
-        out = _out_dtype(t, dtype)
-        nbytes = math.prod(t.shape) * _DTYPES[out][0]
-        header[t.name] = {"dtype": out, "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    return len(raw).to_bytes(8, "little") + raw, offset
-
-
 class _Writer:
     """Does the file writes in one background thread, in submission order, so writing and fsync
     overlap the merging math (os.write, copy_file_range and fsync release the GIL).
@@ -411,7 +243,7 @@ class _Writer:
     def write_tensor(self, fd: int, t: torch.Tensor, nbytes: int, tensor_done: bool) -> None:
         """Write `t` (a buffer from .buffer()) and count `nbytes` of input as done."""
         def job():
-            _write_all(fd, t)
+            write_all(fd, t)
             self.progress.advance(nbytes, tensor_done)
             if tensor_done:
                 self.hold()
@@ -449,33 +281,33 @@ class _Writer:
 _CONVERT_ELEMS = 4 * 1024 * 1024     # elements per --dtype conversion step
 
 
-def _write_shard(shard: _Shard, out_path: Path, plan: dict[str, list[_Update]], adapter_fds: dict[Path, int],
+def _write_shard(shard: Shard, out_path: Path, plan: dict[str, list[_Update]], adapter_fds: dict[Path, int],
                  dtype: str | None, writer: _Writer, ws: _Workspace) -> None:
     """One output shard: its header, then every tensor in the base shard's order (merged, converted or
     copied). The reads and the math run here; the writes are queued on `writer`."""
-    header, _ = _shard_header(shard, dtype)
+    header, _ = shard_header(shard, dtype)
     src = writer.open(shard.path, os.O_RDONLY)
     dst = writer.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-    writer.submit(_write_all, dst, header)
+    writer.submit(write_all, dst, header)
     for t in shard.entries:
-        out = _out_dtype(t, dtype)
+        out = out_dtype(t, dtype)
         if t.name in plan:
-            raw = _pread_exact(src, t.nbytes, t.begin, shard.path, ws.get("W", (t.nbytes,), torch.uint8))
-            W = raw.view(_DTYPES[t.dtype][1]).view(t.shape)
+            raw = pread_exact(src, t.nbytes, t.begin, shard.path, ws.get("W", (t.nbytes,), torch.uint8))
+            W = raw.view(DTYPES[t.dtype][1]).view(t.shape)
             terms = [u.load(adapter_fds[u.path]) for u in plan[t.name]]
-            merged = merged_weight(W, terms, _DTYPES[out][1], ws, writer.buffer(t.shape, _DTYPES[out][1]))
+            merged = merged_weight(W, terms, DTYPES[out][1], ws, writer.buffer(t.shape, DTYPES[out][1]))
             writer.write_tensor(dst, merged, t.nbytes, True)
         elif out != t.dtype:                        # --dtype: convert element-wise, chunk by chunk
-            size, src_dt, out_dt = _DTYPES[t.dtype][0], _DTYPES[t.dtype][1], _DTYPES[out][1]
+            size, src_dt, out_dt = DTYPES[t.dtype][0], DTYPES[t.dtype][1], DTYPES[out][1]
             n_elems = math.prod(t.shape)
             for e0 in range(0, max(n_elems, 1), _CONVERT_ELEMS):
                 n = min(_CONVERT_ELEMS, n_elems - e0)
-                raw = _pread_exact(src, n * size, t.begin + e0 * size, shard.path, ws.get("W", (n * size,), torch.uint8))
+                raw = pread_exact(src, n * size, t.begin + e0 * size, shard.path, ws.get("W", (n * size,), torch.uint8))
                 chunk = writer.buffer((n,), out_dt).copy_(raw.view(src_dt))
                 writer.write_tensor(dst, chunk, n * size, e0 + n >= n_elems)
         else:
             def copy(t=t):
-                _copy_bytes(src, dst, t.begin, t.nbytes, shard.path, lambda k: writer.progress.advance(k, False))
+                copy_bytes(src, dst, t.begin, t.nbytes, shard.path, lambda k: writer.progress.advance(k, False))
                 writer.progress.advance(0, True)
                 writer.hold()
             writer.submit(copy)
@@ -506,7 +338,7 @@ def _copy_side_files(base_dir: Path, out_dir: Path, dtype: str | None) -> list[s
             cfg = json.loads(p.read_text())
             keys = [k for k in ("dtype", "torch_dtype") if k in cfg] or ["dtype"]
             for k in keys:
-                cfg[k] = _TORCH_NAME[dtype]
+                cfg[k] = TORCH_NAME[dtype]
             (out_dir / p.name).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         else:
             shutil.copy2(p, out_dir / p.name)
@@ -557,9 +389,9 @@ def _reference_model(base_dir: Path, adapter_dirs: list[Path], weights: list[flo
     return model
 
 
-def _module_weights(model) -> dict[str, _Entry]:
+def _module_weights(model) -> dict[str, Entry]:
     """The fp32 model's parameters as header entries, so _plan_updates can check shapes against them."""
-    return {n: _Entry(n, "F32", tuple(p.shape), 0, 0) for n, p in model.named_parameters()}
+    return {n: Entry(n, "F32", tuple(p.shape), 0, 0) for n, p in model.named_parameters()}
 
 
 # Tolerance on max |logit difference|, relative to the logits' scale max(1, max|logit|). The merged
@@ -596,7 +428,7 @@ def verify_merged(base_dir: Path, adapter_dirs: list[Path], weights: list[float]
     finally:
         if bars:
             hf_logging.enable_progress_bar()
-    shards, _ = _read_checkpoint(merged_dir)
+    shards, _ = read_checkpoint(merged_dir)
     worst = max((_UNIT_ROUNDOFF[t.dtype] for s in shards for t in s.entries if t.dtype in _UNIT_ROUNDOFF),
                 default=2.0 ** -24)
     tol = max(VERIFY_ULPS * worst, VERIFY_FLOOR) * max(1.0, ref.abs().max().item())
@@ -670,19 +502,19 @@ def merge_checkpoint(base_dir, adapter_dirs, out_dir, weights=None, dtype=None, 
         raise LoRAError(f"weights must be finite numbers, got {weights}")
     if isinstance(dtype, torch.dtype):
         dtype = str(dtype).removeprefix("torch.")
-    if dtype is not None and dtype not in _DTYPE_ARG:
+    if dtype is not None and dtype not in DTYPE_ARG:
         raise LoRAError(f"dtype {dtype!r} is not one of float32, float16, bfloat16")
-    out_dt = _DTYPE_ARG[dtype] if dtype is not None else None
+    out_dt = DTYPE_ARG[dtype] if dtype is not None else None
     _check_paths(base_dir, adapter_dirs, out_dir, force)
 
     # Everything that can be wrong with the inputs is found here, before the first byte is written.
-    shards, index = _read_checkpoint(base_dir)
+    shards, index = read_checkpoint(base_dir)
     entries = {t.name: t for s in shards for t in s.entries}
     if len(entries) != sum(len(s.entries) for s in shards):
         raise LoRAError(f"{base_dir}: a tensor name appears in more than one shard")
     plan = _plan_updates(adapter_dirs, weights, entries)
 
-    sizes = [_shard_header(s, out_dt)[1] for s in shards]
+    sizes = [shard_header(s, out_dt)[1] for s in shards]
     bar = _Progress(sum(t.nbytes for t in entries.values()), len(entries), progress)
     hold = _test_hold_hook()
     report = MergeReport(out_dir, len(entries), len(plan), 0, 0.0)
