@@ -40,10 +40,6 @@ def set_graph_safe(flag: bool) -> None:
     _GRAPH_SAFE = bool(flag)
 
 
-def graph_safe() -> bool:
-    return _GRAPH_SAFE
-
-
 def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
     """The dtype autocast would run the base GEMM in, or None when autocast is off."""
     dev = x.device.type
@@ -69,7 +65,7 @@ def lora_forward(layer, x: torch.Tensor, dropout_p: float) -> torch.Tensor:
     group = layer.group
     if (group is not None and group.active(x) and not uses_triton(x)
             and not (dropout_p > 0 and _GRAPH_SAFE)):     # the group draws a host-side seed
-        return grouped_lora_linear(group, layer, x)
+        return grouped_lora_linear(group, layer, x, dropout_p)
     return lora_linear(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling, dropout_p)
 
 
@@ -93,11 +89,11 @@ def _lora_linear_graph_safe(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
                        lora_B.t(), alpha=scaling).view(*x.shape[:-1], weight.shape[0])
 
 
-def grouped_lora_linear(group, member, x: torch.Tensor) -> torch.Tensor:
+def grouped_lora_linear(group, member, x: torch.Tensor, dropout_p: float) -> torch.Tensor:
     """`member`'s output through its shared-input group (plain PyTorch path; see lora/group.py)."""
     dtype = _compute_dtype(x, member.weight)
     with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
-        return group.forward(member, x, lambda *t: _cast(*t, dtype))
+        return group.forward(member, x, dropout_p, lambda *t: _cast(*t, dtype))
 
 
 _TRITON_OK: bool | None = None

@@ -100,8 +100,8 @@ class SharedInputGroup:
         # Inference-mode tensors carry no version counter to tell an in-place change: no sharing.
         return not x.is_inference() and all(not (m.merged or m.disabled) for m in self.members)
 
-    def forward(self, member, x: torch.Tensor, cast) -> torch.Tensor:
-        """`member`'s output for `x`; `cast` maps (x, W, b, A, B) to the compute dtype (see backend)."""
+    def forward(self, member, x: torch.Tensor, p: float, cast) -> torch.Tensor:
+        """`member`'s output for `x` with dropout `p`; `cast` maps (x, W, b, A, B) to the compute dtype."""
         i = self.members.index(member)
         if x is self._pending_input and i in self._pending and self._key(x) == self._pending_key:
             out = self._pending.pop(i)
@@ -109,10 +109,9 @@ class SharedInputGroup:
                 self._pending_input = self._pending_key = None
             return out
         key = self._key(x)
-        p = member.lora_dropout if member.training else 0.0
-        xs, Ws, bs, As, Bs = None, [], [], [], []
+        xs, Ws, bs, As, Bs = x, [], [], [], []
         for m in self.members:
-            xs, W, b, A, B = cast(x, m.weight, m.bias, m.lora_A, m.lora_B)
+            xs, W, b, A, B = cast(xs, m.weight, m.bias, m.lora_A, m.lora_B)   # x is cast once
             Ws.append(W); bs.append(b); As.append(A); Bs.append(B)
         seed = new_seed() if p > 0 else 0
         outs = GroupedLoRAFunction.apply(xs, p, seed, tuple(float(m.scaling) for m in self.members),
@@ -120,6 +119,3 @@ class SharedInputGroup:
         self._pending = {j: o for j, o in enumerate(outs) if j != i}
         self._pending_input, self._pending_key = x, key
         return outs[i]
-
-    def clear(self) -> None:
-        self._pending, self._pending_input, self._pending_key = {}, None, None
