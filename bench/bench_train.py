@@ -5,8 +5,10 @@ Three providers on the same model and batch, timed in alternating rounds in one 
   peft   PEFT's LoRA (when peft is installed) + AdamW step on the adapter
   ours   lora.apply_lora + AdamW step on the adapter (q/k/v and gate/up share one shrink)
   ours-ungrouped  the same with one op per projection (--providers floor,ours,ours-ungrouped)
-Peak memory is measured per provider in a fresh subprocess (peak RSS, and the step's growth above the
-resident model). Writes bench/results/train-<device>.json and prints a markdown table.
+Peak memory is measured per provider in a fresh subprocess: peak RSS; "held", its rise above the bare
+interpreter (all the memory the training holds: weights, adapter, optimizer state, activations); and
+"step memory", its rise above the resident model during the steps (activations and temporaries).
+Writes bench/results/train-<device>.json and prints a markdown table.
 
     python bench/bench_train.py                  # the CPU config of the issue: 6 x 1024, GQA 16/4, seq 256, batch 4, r=16
     python bench/bench_train.py --dropout 0.05
@@ -136,8 +138,8 @@ def time_providers(args, names):
         for n in names:
             step(*models[n], ids, args)
     sync(args)
-    for _ in range(args.steps):                    # alternate so drift hits every provider alike
-        for n in names:
+    for i in range(args.steps):                    # alternate so drift hits every provider alike, and
+        for n in names[i % len(names):] + names[:i % len(names)]:   # rotate who goes first each round
             sync(args)
             t0 = time.perf_counter()
             step(*models[n], ids, args)
@@ -174,8 +176,16 @@ class PeakRSS:
 
 
 def memory_child(args, name):
-    """Runs in a subprocess: the peak resident memory of `name`'s training steps, and how far it
-    rises above the resident model (weights, adapter, optimizer state after a first step)."""
+    """Runs in a subprocess: the peak resident memory of `name`'s training steps; how far it rises above
+    the bare interpreter (torch, transformers and the provider's library imported, nothing built), which
+    is all the memory the training holds; and how far it rises above the resident model (weights,
+    adapter, optimizer state after a first step), which is the step's own memory."""
+    import transformers  # noqa: F401
+    if name == "peft":
+        import peft  # noqa: F401
+    elif name.startswith("ours"):
+        import lora  # noqa: F401
+    start = rss_mb()
     base = build_base(args)
     ids = make_batch(base, args)
     model, opt = make_provider(name, base, args)
@@ -198,7 +208,9 @@ def memory_child(args, name):
             for _ in range(2):
                 step(model, opt, ids, args)
         peak = sampler.peak
-    print(json.dumps({"peak_mb": peak, "step_mb": peak - before}))
+    if args.device.startswith("cuda"):
+        start = 0.0                          # CUDA's allocator counts tensors only
+    print(json.dumps({"peak_mb": peak, "held_mb": peak - start, "step_mb": peak - before}))
 
 
 def measure_memory(args, name, argv):
@@ -253,6 +265,7 @@ def main(argv=None):
         for r in rows:
             r["peak_vs_floor"] = r["peak_mb"] / floor_mem if floor_mem else None
             r["peak_vs_peft"] = r["peak_mb"] / peft_mem["peak_mb"] if peft_mem else None
+            r["held_vs_peft"] = r["held_mb"] / peft_mem["held_mb"] if peft_mem else None
             r["step_mem_vs_peft"] = r["step_mb"] / peft_mem["step_mb"] if peft_mem else None
     result = dict(device=device_name, config=dict(vars(args), memory_child=None), tokens_per_step=tokens,
                   torch=torch.__version__, results=rows)
@@ -272,13 +285,13 @@ def table(result) -> str:
     lines = [f"{result['device']} · ratios are medians of per-round ratios · preset {c['preset']}{' layers=' + str(c['layers']) if c['layers'] else ''} · "
              f"batch {c['batch']} × seq {c['seq']} · r={c['r']} · dropout {c['dropout']} · {c['dtype']} · "
              f"median of {c['steps']} alternating steps",
-             "", "| provider | step (s), median | min | tokens/s | × floor | PEFT ÷ this | peak RSS (MB) | step memory (MB) | step mem ÷ PEFT's |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "", "| provider | step (s), median | min | tokens/s | × floor | PEFT ÷ this | peak RSS (MB) | held (MB) | held ÷ PEFT's | step memory (MB) | step mem ÷ PEFT's |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda v, fmt: "–" if v is None else format(v, fmt)
     for r in result["results"]:
         lines.append(f"| {r['provider']} | {r['step_s']:.3f} | {r['min_step_s']:.3f} | {r['tokens_per_s']:.0f} | {f(r['ratio_to_floor'], '.3f')} | "
-                     f"{f(r['speedup_vs_peft'], '.3f')} | {f(r.get('peak_mb'), '.0f')} | {f(r.get('step_mb'), '.0f')} | "
-                     f"{f(r.get('step_mem_vs_peft'), '.2f')} |")
+                     f"{f(r['speedup_vs_peft'], '.3f')} | {f(r.get('peak_mb'), '.0f')} | {f(r.get('held_mb'), '.0f')} | "
+                     f"{f(r.get('held_vs_peft'), '.2f')} | {f(r.get('step_mb'), '.0f')} | {f(r.get('step_mem_vs_peft'), '.2f')} |")
     return "\n".join(lines)
 
 

@@ -8,7 +8,7 @@ For members i = 1..n with the same input x:
     dA  = dSᵀ dropout(x)  (Σr, in), split per member;  dB_i = s_i · dY_iᵀ S[:, i]
 
 Compared with one op per projection this reads x once instead of n times (forward shrink and dA),
-regenerates one dropout mask instead of n, and sums the input gradient of all members in one buffer
+draws one dropout mask instead of n, and sums the input gradient of all members in one buffer
 with BLAS's beta=1 instead of n buffers added by autograd. The members share the dropout mask (PEFT
 draws one per projection; each branch still sees dropout(p)).
 
@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .functional import dropout_scale, new_seed
+from .functional import drop, drop_, dropped_positions, new_seed
 
 
 class GroupedLoRAFunction(torch.autograd.Function):
@@ -35,22 +35,26 @@ class GroupedLoRAFunction(torch.autograd.Function):
         ranks = [A.shape[0] for A in As]
         A_cat = torch.cat(As)                                            # (Σr, in)
         x2 = x.reshape(-1, in_features)                                  # (M, in)
-        xd = x2 * dropout_scale(x2, dropout_p, seed) if dropout_p > 0 else x2
-        S = xd @ A_cat.t()                                               # (M, Σr)
+        if dropout_p > 0:
+            dropped = dropped_positions(x2.numel(), dropout_p, seed, x.device)   # flat indices, one mask for all
+            S = torch.mm(drop(x2, dropped), A_cat.t()).mul_(1 / (1 - dropout_p))   # (M, Σr)
+        else:
+            dropped = None
+            S = torch.mm(x2, A_cat.t())                                  # (M, Σr)
         outs, off = [], 0
         for W, b, B, s, r in zip(Ws, bs, Bs, scalings, ranks):
             y = F.linear(x, W, b)                                        # (..., out_i): the base, bit for bit
             y.view(-1, W.shape[0]).addmm_(S[:, off:off + r], B.t(), alpha=s)
             outs.append(y)
             off += r
-        ctx.save_for_backward(x, S, A_cat, *Ws, *Bs)
-        ctx.n, ctx.ranks, ctx.scalings, ctx.dropout_p, ctx.seed = n, ranks, scalings, dropout_p, seed
+        ctx.save_for_backward(x, S, A_cat, dropped, *Ws, *Bs)
+        ctx.n, ctx.ranks, ctx.scalings, ctx.dropout_p = n, ranks, scalings, dropout_p
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *dYs):
         n, ranks, scalings, p = ctx.n, ctx.ranks, ctx.scalings, ctx.dropout_p
-        x, S, A_cat, *rest = ctx.saved_tensors
+        x, S, A_cat, dropped, *rest = ctx.saved_tensors
         Ws, Bs = rest[:n], rest[n:]
         in_features = x.shape[-1]
         dY2 = [dY.reshape(-1, W.shape[0]) for dY, W in zip(dYs, Ws)]     # (M, out_i)
@@ -59,24 +63,25 @@ class GroupedLoRAFunction(torch.autograd.Function):
         need_x = needs[0]
         need_A = any(needs[4 + 2 * n: 4 + 3 * n])
         need_B = needs[4 + 3 * n: 4 + 4 * n]
-        mask = dropout_scale(x.reshape(-1, in_features), p, ctx.seed) if p > 0 and (need_x or need_A) else None
         dBs, off = [], 0
         for d, r, s, need in zip(dY2, ranks, scalings, need_B):
             dBs.append(torch.mm(d.t(), S[:, off:off + r]).mul_(s) if need else None)   # (out_i, r_i)
             off += r
+        if dropped is not None:
+            dS.mul_(1 / (1 - p))                                         # the kept elements' scale, on the small side
         dAs = [None] * n
         if need_A:
             x2 = x.reshape(-1, in_features)
-            dAs = list(torch.mm(dS.t(), x2 * mask if mask is not None else x2).split(ranks))   # (r_i, in)
+            dAs = list(torch.mm(dS.t(), x2 if dropped is None else drop(x2, dropped)).split(ranks))   # (r_i, in)
         dX = None
         if need_x:
             dX = torch.mm(dY2[0], Ws[0])                                 # (M, in)
             for d, W in zip(dY2[1:], Ws[1:]):
                 dX.addmm_(d, W)                                          # Σ_i dY_i W_i in one buffer
-            if mask is None:
+            if dropped is None:
                 dX.addmm_(dS, A_cat)
             else:
-                dX.addcmul_(torch.mm(dS, A_cat), mask)
+                dX.add_(drop_(torch.mm(dS, A_cat), dropped))            # (dS A) ⊙ mask
             dX = dX.view(x.shape)
         return (dX, None, None, None, *([None] * (2 * n)), *dAs, *dBs)
 

@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 from lora import LoRALinear
-from lora.functional import LoRALinearFunction, dropout_scale
+from lora.functional import LoRALinearFunction, dropout_scale, dropped_positions
 
 
 def make_layer(inp=45, out=29, r=5, alpha=7.0, bias=True, dtype=torch.float32, dropout=0.0, init=False):
@@ -64,8 +64,7 @@ def test_dropout_uses_the_same_mask_in_forward_and_backward():
     dy = torch.randn_like(y)
     y.backward(dy)
     mask = dropout_scale(x.detach(), p, seed)
-    k = round(p * 65536)                                       # p in steps of 1/65536
-    assert set(mask.unique().tolist()) == {0.0, torch.tensor(65536 / (65536 - k)).item()}
+    assert set(mask.unique().tolist()) == {0.0, torch.tensor(1 / (1 - p)).item()}
     assert abs((mask == 0).float().mean() - p) < 0.03
     assert torch.equal(mask, dropout_scale(x.detach(), p, seed)) and not torch.equal(mask, dropout_scale(x.detach(), p, seed + 1))
     xr = x.detach().double().requires_grad_()
@@ -184,9 +183,31 @@ def test_parameter_names_keep_the_base_keys():
 
 def test_dropout_mask_statistics_and_unbiasedness():
     like = torch.empty(400, 1000)
-    for p in (0.05, 0.3):
+    for p in (0.05, 0.3, 0.9):
         m = dropout_scale(like, p, seed=11)
         assert abs((m == 0).float().mean().item() - p) < 0.005
         assert abs(m.double().mean().item() - 1.0) < 0.01              # E[mask] = 1
-    odd = dropout_scale(torch.empty(3, 5, 7), 0.5, seed=3)           # numel not a multiple of 4
+    odd = dropout_scale(torch.empty(3, 5, 7), 0.5, seed=3)
     assert odd.shape == (3, 5, 7) and 0 < (odd == 0).sum() < 105
+
+
+def test_dropped_positions_are_iid_bernoulli():
+    n, p = 200_000, 0.05
+    drops = torch.zeros(n, dtype=torch.bool)
+    drops[dropped_positions(n, p, seed=5)] = True
+    assert torch.equal(dropped_positions(n, p, seed=5), dropped_positions(n, p, seed=5))
+    assert not torch.equal(dropped_positions(n, p, seed=5)[:100], dropped_positions(n, p, seed=6)[:100])
+    # Count within 5 sigma; no position favoured (first and second half, even and odd); independence
+    # of neighbours: P(drop at i+1 | drop at i) = p.
+    sigma = (n * p * (1 - p)) ** 0.5
+    assert abs(drops.sum().item() - n * p) < 5 * sigma
+    for part in (drops[: n // 2], drops[n // 2:], drops[0::2], drops[1::2]):
+        assert abs(part.float().mean().item() - p) < 5 * (p * (1 - p) / part.numel()) ** 0.5
+    pairs = (drops[:-1] & drops[1:]).sum().item() / drops[:-1].sum().item()
+    assert abs(pairs - p) < 5 * (p * (1 - p) / drops.sum().item()) ** 0.5
+    # The last element is reachable and numel of 1 works.
+    last = sum(dropped_positions(7, 0.5, seed=s)[-1:].tolist() == [6] for s in range(200))
+    assert 70 < last < 130
+    assert dropped_positions(1, 0.999999, seed=1).tolist() == [0]
+
+
