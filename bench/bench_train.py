@@ -148,6 +148,14 @@ def time_providers(args, names):
     return times, models
 
 
+def bootstrap_ci(ratios, resamples=4000, seed=0):
+    """A 95% interval for the median of per-round ratios: the rounds resampled with replacement."""
+    import random
+    rng = random.Random(seed)
+    meds = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    return [meds[int(0.025 * resamples)], meds[int(0.975 * resamples) - 1]]
+
+
 def rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -247,12 +255,15 @@ def main(argv=None):
     # Ratios are medians of per-round ratios: each round runs every provider once, back to back,
     # so drift in machine speed (shared cores) cancels within a round.
     per_round = lambda a, b: statistics.median(x / y for x, y in zip(times[a], times[b]))
+    ci = lambda a, b: bootstrap_ci([x / y for x, y in zip(times[a], times[b])])
     floor = "floor" if "floor" in names else None
     peft_s = "peft" if "peft" in names else None
     n_params = sum(p.numel() for p in models[names[0]][0].parameters() if not p.requires_grad)
     for r in rows:
         r["ratio_to_floor"] = per_round(r["provider"], floor) if floor else None
         r["speedup_vs_peft"] = per_round(peft_s, r["provider"]) if peft_s else None
+        r["ratio_to_floor_ci95"] = ci(r["provider"], floor) if floor and r["provider"] != floor else None
+        r["speedup_vs_peft_ci95"] = ci(peft_s, r["provider"]) if peft_s and r["provider"] != peft_s else None
         if args.device.startswith("cuda"):      # MFU: 6·N·tokens for the base fwd+bwd would count dW;
             flops = 4 * n_params * tokens       # the frozen base needs fwd (2N) + input grads (2N) per token
             r["mfu"] = flops / r["step_s"] / PEAK_TFLOPS.get(args.dtype, 1) / 1e12
@@ -282,15 +293,16 @@ PEAK_TFLOPS = {"bf16": 989.0, "fp32": 494.0}   # H100 SXM dense tensor-core peak
 
 def table(result) -> str:
     c = result["config"]
-    lines = [f"{result['device']} · ratios are medians of per-round ratios · preset {c['preset']}{' layers=' + str(c['layers']) if c['layers'] else ''} · "
+    lines = [f"{result['device']} · ratios are medians of per-round ratios (95% bootstrap interval) · preset {c['preset']}{' layers=' + str(c['layers']) if c['layers'] else ''} · "
              f"batch {c['batch']} × seq {c['seq']} · r={c['r']} · dropout {c['dropout']} · {c['dtype']} · "
              f"median of {c['steps']} alternating steps",
              "", "| provider | step (s), median | min | tokens/s | × floor | PEFT ÷ this | peak RSS (MB) | held (MB) | held ÷ PEFT's | step memory (MB) | step mem ÷ PEFT's |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda v, fmt: "–" if v is None else format(v, fmt)
+    fci = lambda v, c: f(v, ".3f") + (f" ({c[0]:.3f}–{c[1]:.3f})" if c else "")
     for r in result["results"]:
-        lines.append(f"| {r['provider']} | {r['step_s']:.3f} | {r['min_step_s']:.3f} | {r['tokens_per_s']:.0f} | {f(r['ratio_to_floor'], '.3f')} | "
-                     f"{f(r['speedup_vs_peft'], '.3f')} | {f(r.get('peak_mb'), '.0f')} | {f(r.get('held_mb'), '.0f')} | "
+        lines.append(f"| {r['provider']} | {r['step_s']:.3f} | {r['min_step_s']:.3f} | {r['tokens_per_s']:.0f} | {fci(r['ratio_to_floor'], r.get('ratio_to_floor_ci95'))} | "
+                     f"{fci(r['speedup_vs_peft'], r.get('speedup_vs_peft_ci95'))} | {f(r.get('peak_mb'), '.0f')} | {f(r.get('held_mb'), '.0f')} | "
                      f"{f(r.get('held_vs_peft'), '.2f')} | {f(r.get('step_mb'), '.0f')} | {f(r.get('step_mem_vs_peft'), '.2f')} |")
     return "\n".join(lines)
 

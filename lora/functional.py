@@ -107,11 +107,12 @@ class LoRALinearFunction(torch.autograd.Function):
             x2 = x.reshape(-1, in_features)
             dA = torch.mm(dS.t(), x2 if dropped is None else drop(x2, dropped))   # (r, in)
         if need_x:
-            dX = torch.mm(dY2, weight)                            # (M, in)
             if dropped is None:
+                dX = torch.mm(dY2, weight)                        # (M, in)
                 dX.addmm_(dS, lora_A)                             # dX += dS A, in the same pass
             else:
-                dX.add_(drop_(torch.mm(dS, lora_A), dropped))     # dX += (dS A) ⊙ mask
+                dX = drop_(torch.mm(dS, lora_A), dropped)         # (dS A) ⊙ mask  (M, in)
+                dX.addmm_(dY2, weight)                            # dX += dY W: the base GEMM accumulates
             dX = dX.view(x.shape)
         return dX, None, None, dA, dB, None, None, None
 

@@ -75,13 +75,15 @@ class GroupedLoRAFunction(torch.autograd.Function):
             dAs = list(torch.mm(dS.t(), x2 if dropped is None else drop(x2, dropped)).split(ranks))   # (r_i, in)
         dX = None
         if need_x:
-            dX = torch.mm(dY2[0], Ws[0])                                 # (M, in)
-            for d, W in zip(dY2[1:], Ws[1:]):
-                dX.addmm_(d, W)                                          # Σ_i dY_i W_i in one buffer
             if dropped is None:
+                dX = torch.mm(dY2[0], Ws[0])                             # (M, in)
+                rest = zip(dY2[1:], Ws[1:])
                 dX.addmm_(dS, A_cat)
             else:
-                dX.add_(drop_(torch.mm(dS, A_cat), dropped))            # (dS A) ⊙ mask
+                dX = drop_(torch.mm(dS, A_cat), dropped)                 # (dS A) ⊙ mask  (M, in)
+                rest = zip(dY2, Ws)
+            for d, W in rest:
+                dX.addmm_(d, W)                                          # Σ_i dY_i W_i in the same buffer
             dX = dX.view(x.shape)
         return (dX, None, None, None, *([None] * (2 * n)), *dAs, *dBs)
 
