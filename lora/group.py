@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .functional import drop, drop_, dropped_positions, new_seed
+from .functional import compact, drop, drop_, dropped_positions, new_seed
 
 
 class GroupedLoRAFunction(torch.autograd.Function):
@@ -47,7 +47,7 @@ class GroupedLoRAFunction(torch.autograd.Function):
             y.view(-1, W.shape[0]).addmm_(S[:, off:off + r], B.t(), alpha=s)
             outs.append(y)
             off += r
-        ctx.save_for_backward(x, S, A_cat, dropped, *Ws, *Bs)
+        ctx.save_for_backward(x, S, A_cat, None if dropped is None else compact(dropped, x2.numel()), *Ws, *Bs)
         ctx.n, ctx.ranks, ctx.scalings, ctx.dropout_p = n, ranks, scalings, dropout_p
         return tuple(outs)
 
@@ -68,6 +68,7 @@ class GroupedLoRAFunction(torch.autograd.Function):
             dBs.append(torch.mm(d.t(), S[:, off:off + r]).mul_(s) if need else None)   # (out_i, r_i)
             off += r
         if dropped is not None:
+            dropped = dropped.long()
             dS.mul_(1 / (1 - p))                                         # the kept elements' scale, on the small side
         dAs = [None] * n
         if need_A:

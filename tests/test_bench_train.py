@@ -1,0 +1,43 @@
+"""bench/bench_train.py: runs end to end on a small config and writes what the README table reads."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import bench_train  # noqa: E402
+
+
+def test_bootstrap_interval_brackets_the_median():
+    ratios = [1.0, 1.1, 0.9, 1.05, 1.2, 0.95, 1.02, 1.07]
+    lo, hi = bench_train.bootstrap_ci(ratios)
+    med = sorted(ratios)[len(ratios) // 2 - 1: len(ratios) // 2 + 1]
+    assert min(ratios) <= lo <= sum(med) / 2 <= hi <= max(ratios)
+    assert bench_train.bootstrap_ci(ratios) == [lo, hi]                 # seeded: reproducible
+    assert bench_train.bootstrap_ci([1.03] * 5) == [1.03, 1.03]
+
+
+def test_small_run_writes_json_and_table(tmp_path):
+    pytest.importorskip("peft")
+    out = tmp_path / "train.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "bench_train.py"), "--layers", "1", "--batch", "1", "--seq", "16",
+           "--steps", "3", "--warmup", "1", "--dropout", "0.1", "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    d = json.loads(out.read_text())
+    assert d["device"].startswith("cpu") and d["tokens_per_step"] == 16 and d["config"]["dropout"] == 0.1
+    rows = {row["provider"]: row for row in d["results"]}
+    assert set(rows) == {"floor", "peft", "ours"}
+    for name, row in rows.items():
+        assert len(row["steps"]) == 3 and row["min_step_s"] <= row["step_s"]
+        assert row["tokens_per_s"] == pytest.approx(16 / row["step_s"])
+        assert 0 < row["step_mb"] <= row["held_mb"] <= row["peak_mb"]
+        if name != "floor":
+            lo, hi = row["ratio_to_floor_ci95"]
+            assert lo <= row["ratio_to_floor"] <= hi
+    assert rows["floor"]["ratio_to_floor"] == 1.0 and rows["floor"]["ratio_to_floor_ci95"] is None
+    assert rows["peft"]["speedup_vs_peft"] == 1.0 and rows["peft"]["held_vs_peft"] == 1.0
+    assert "| ours |" in r.stdout and "95% bootstrap interval" in r.stdout
