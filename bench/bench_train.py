@@ -5,9 +5,9 @@ Three providers on the same model and batch, timed in alternating rounds in one 
   peft   PEFT's LoRA (when peft is installed) + AdamW step on the adapter
   ours   lora.apply_lora + AdamW step on the adapter (q/k/v and gate/up share one shrink)
   ours-ungrouped  the same with one op per projection (--providers floor,ours,ours-ungrouped)
-Peak memory is measured per provider in a fresh subprocess: peak RSS; "held", its rise above the bare
-interpreter (all the memory the training holds: weights, adapter, optimizer state, activations); and
-"step memory", its rise above the resident model during the steps (activations and temporaries).
+Peak memory is measured per provider in a fresh subprocess: the peak RSS of the whole process, and the
+step memory, its rise above the resident model (weights, adapter, optimizer state after a first step)
+during the steps: activations, gradients and temporaries.
 Writes bench/results/train-<device>.json and prints a markdown table.
 
     python bench/bench_train.py                  # the CPU config of the issue: 6 x 1024, GQA 16/4, seq 256, batch 4, r=16
@@ -184,16 +184,8 @@ class PeakRSS:
 
 
 def memory_child(args, name):
-    """Runs in a subprocess: the peak resident memory of `name`'s training steps; how far it rises above
-    the bare interpreter (torch, transformers and the provider's library imported, nothing built), which
-    is all the memory the training holds; and how far it rises above the resident model (weights,
-    adapter, optimizer state after a first step), which is the step's own memory."""
-    import transformers  # noqa: F401
-    if name == "peft":
-        import peft  # noqa: F401
-    elif name.startswith("ours"):
-        import lora  # noqa: F401
-    start = rss_mb()
+    """Runs in a subprocess: the peak resident memory of `name`'s training steps, and how far it
+    rises above the resident model (weights, adapter, optimizer state after a first step)."""
     base = build_base(args)
     ids = make_batch(base, args)
     model, opt = make_provider(name, base, args)
@@ -216,9 +208,7 @@ def memory_child(args, name):
             for _ in range(2):
                 step(model, opt, ids, args)
         peak = sampler.peak
-    if args.device.startswith("cuda"):
-        start = 0.0                          # CUDA's allocator counts tensors only
-    print(json.dumps({"peak_mb": peak, "held_mb": peak - start, "step_mb": peak - before}))
+    print(json.dumps({"peak_mb": peak, "step_mb": peak - before}))
 
 
 def measure_memory(args, name, argv):
@@ -276,7 +266,6 @@ def main(argv=None):
         for r in rows:
             r["peak_vs_floor"] = r["peak_mb"] / floor_mem if floor_mem else None
             r["peak_vs_peft"] = r["peak_mb"] / peft_mem["peak_mb"] if peft_mem else None
-            r["held_vs_peft"] = r["held_mb"] / peft_mem["held_mb"] if peft_mem else None
             r["step_mem_vs_peft"] = r["step_mb"] / peft_mem["step_mb"] if peft_mem else None
     result = dict(device=device_name, config=dict(vars(args), memory_child=None), tokens_per_step=tokens,
                   torch=torch.__version__, results=rows)
@@ -296,14 +285,14 @@ def table(result) -> str:
     lines = [f"{result['device']} · ratios are medians of per-round ratios (95% bootstrap interval) · preset {c['preset']}{' layers=' + str(c['layers']) if c['layers'] else ''} · "
              f"batch {c['batch']} × seq {c['seq']} · r={c['r']} · dropout {c['dropout']} · {c['dtype']} · "
              f"median of {c['steps']} alternating steps",
-             "", "| provider | step (s), median | min | tokens/s | × floor | PEFT ÷ this | peak RSS (MB) | held (MB) | held ÷ PEFT's | step memory (MB) | step mem ÷ PEFT's |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "", "| provider | step (s), median | min | tokens/s | × floor | PEFT ÷ this | peak RSS (MB) | ÷ PEFT's | step memory (MB) | ÷ PEFT's |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda v, fmt: "–" if v is None else format(v, fmt)
     fci = lambda v, c: f(v, ".3f") + (f" ({c[0]:.3f}–{c[1]:.3f})" if c else "")
     for r in result["results"]:
         lines.append(f"| {r['provider']} | {r['step_s']:.3f} | {r['min_step_s']:.3f} | {r['tokens_per_s']:.0f} | {fci(r['ratio_to_floor'], r.get('ratio_to_floor_ci95'))} | "
-                     f"{fci(r['speedup_vs_peft'], r.get('speedup_vs_peft_ci95'))} | {f(r.get('peak_mb'), '.0f')} | {f(r.get('held_mb'), '.0f')} | "
-                     f"{f(r.get('held_vs_peft'), '.2f')} | {f(r.get('step_mb'), '.0f')} | {f(r.get('step_mem_vs_peft'), '.2f')} |")
+                     f"{fci(r['speedup_vs_peft'], r.get('speedup_vs_peft_ci95'))} | {f(r.get('peak_mb'), '.0f')} | "
+                     f"{f(r.get('peak_vs_peft'), '.2f')} | {f(r.get('step_mb'), '.0f')} | {f(r.get('step_mem_vs_peft'), '.2f')} |")
     return "\n".join(lines)
 
 
