@@ -12,7 +12,7 @@ Backward with W frozen (no dW, no db):
 With dropout, mask = 0 at the dropped elements and 1/(1 − p) elsewhere; the 1/(1 − p) is applied to
 S and dS (M × r) instead of to x, so dropping is only zeroing the dropped elements of a copy.
 
-Saved for backward: x (which autograd keeps anyway for the previous layer), S (M × r, tiny) and the
+Saved for backward: x (dA needs it; a frozen base alone would not keep it), S (M × r, tiny) and the
 flat indices of the dropped elements (≈ p · M · in int32s: a twentieth of x's size at p = 0.05) instead
 of dropout(x), which would cost one activation-sized tensor per adapted projection.
 """
