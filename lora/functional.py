@@ -65,6 +65,14 @@ def drop(x: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
     return drop_(x.clone(memory_format=torch.contiguous_format), dropped)
 
 
+def shrink(x2: torch.Tensor, lora_A: torch.Tensor, p: float, seed: int):
+    """S = dropout(x2) Aᵀ (M, r), and the flat indices of the dropped elements (None when p = 0)."""
+    if p == 0:
+        return torch.mm(x2, lora_A.t()), None
+    dropped = dropped_positions(x2.numel(), p, seed, x2.device)
+    return torch.mm(drop(x2, dropped), lora_A.t()).mul_(1 / (1 - p)), dropped
+
+
 def dropout_scale(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     """The dense dropout multiplier (0 where dropped, 1/(1 − p) elsewhere) that the op applies to an
     input shaped like `like` for this `seed`. The op never builds it; it is here to state the mask."""
@@ -84,12 +92,7 @@ class LoRALinearFunction(torch.autograd.Function):
         in_features, out_features = weight.shape[1], weight.shape[0]
         y = F.linear(x, weight, bias)                             # (..., out): the base, bit for bit
         x2 = x.reshape(-1, in_features)                           # (M, in)
-        if dropout_p > 0:
-            dropped = dropped_positions(x2.numel(), dropout_p, seed, x.device)   # (≈ p·M·in,) flat indices
-            S = torch.mm(drop(x2, dropped), lora_A.t()).mul_(1 / (1 - dropout_p))   # (M, r)
-        else:
-            dropped = None
-            S = torch.mm(x2, lora_A.t())                          # (M, r)
+        S, dropped = shrink(x2, lora_A, dropout_p, seed)          # (M, r), (≈ p·M·in,) or None
         y.view(-1, out_features).addmm_(S, lora_B.t(), alpha=scaling)   # y += s · S Bᵀ in place
         ctx.save_for_backward(x, weight, lora_A, lora_B, S, None if dropped is None else compact(dropped, x2.numel()))
         ctx.scaling, ctx.dropout_p = scaling, dropout_p

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .functional import compact, drop, drop_, dropped_positions, new_seed
+from .functional import compact, drop, drop_, new_seed, shrink
 
 
 class GroupedLoRAFunction(torch.autograd.Function):
@@ -35,12 +35,7 @@ class GroupedLoRAFunction(torch.autograd.Function):
         ranks = [A.shape[0] for A in As]
         A_cat = torch.cat(As)                                            # (Σr, in)
         x2 = x.reshape(-1, in_features)                                  # (M, in)
-        if dropout_p > 0:
-            dropped = dropped_positions(x2.numel(), dropout_p, seed, x.device)   # flat indices, one mask for all
-            S = torch.mm(drop(x2, dropped), A_cat.t()).mul_(1 / (1 - dropout_p))   # (M, Σr)
-        else:
-            dropped = None
-            S = torch.mm(x2, A_cat.t())                                  # (M, Σr)
+        S, dropped = shrink(x2, A_cat, dropout_p, seed)                  # (M, Σr); one mask for all members
         outs, off = [], 0
         for W, b, B, s, r in zip(Ws, bs, Bs, scalings, ranks):
             y = F.linear(x, W, b)                                        # (..., out_i): the base, bit for bit
