@@ -88,6 +88,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "(same arguments required)")
     rt.add_argument("--force", action="store_true", help="overwrite a different run in --out")
     rt.add_argument("--no-progress", action="store_true", help="no progress bar")
+    rt.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                    help="CPU on Linux/glibc: keep freed memory in the process instead of handing it back "
+                         "to the kernel after every step, so steps reuse warm pages instead of page-faulting "
+                         "fresh ones (about 10%% faster steps on the benchmark model); the process stays "
+                         "at its peak memory. Ignored elsewhere (default: on)")
     return p.parse_args(argv)
 
 
@@ -120,7 +125,7 @@ def build_config(args: argparse.Namespace):
         hpu_mode=args.hpu_mode, hpu_graphs=args.hpu_graphs,
         grad_checkpointing=args.grad_checkpointing, eval_every=args.eval_every, save_every=value["save_every"],
         log_every=value["log_every"], keep_checkpoints=args.keep_checkpoints, resume=args.resume,
-        force=args.force, progress=not args.no_progress, lora=lora)
+        force=args.force, progress=not args.no_progress, keep_freed_memory=args.keep_freed_memory, lora=lora)
     return cfg, demo
 
 

@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from lora.malloc import keep_freed_memory  # noqa: E402
 PRESETS = {
     # the CPU config
     "cpu-6x1024": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=6, num_attention_heads=16,
@@ -59,6 +61,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per provider first (default 2)")
     p.add_argument("--providers", default=",".join(PROVIDERS), help="comma list of floor,peft,ours,ours-ungrouped")
     p.add_argument("--no-memory", action="store_true", help="skip the per-provider peak-memory subprocesses")
+    p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="CPU: glibc keeps freed memory in the process (lora.malloc, as train.py does) for every "
+                        "provider; --no-keep-freed-memory measures glibc's defaults (default: keep)")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/train-<device>[-dropout].json)")
     p.add_argument("--_memory-child", dest="memory_child", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -96,7 +101,7 @@ def make_provider(name, base, args):
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.01)
-    return model, torch.optim.AdamW(params, lr=1e-4)
+    return model, torch.optim.AdamW(params, lr=1e-4, fused=True)     # as train.py's (lora/device.py)
 
 
 def make_batch(base, args):
@@ -225,6 +230,7 @@ def measure_memory(args, name, argv):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    kept = args.device == "cpu" and args.keep_freed_memory and keep_freed_memory()
     if args.memory_child:
         return memory_child(args, args.memory_child)
     names = [n for n in args.providers.split(",") if n]
@@ -269,6 +275,7 @@ def main(argv=None):
             r["peak_vs_peft"] = r["peak_mb"] / peft_mem["peak_mb"] if peft_mem else None
             r["step_mem_vs_peft"] = r["step_mb"] / peft_mem["step_mb"] if peft_mem else None
     result = dict(device=device_name, config=dict(vars(args), memory_child=None), tokens_per_step=tokens,
+                  malloc="glibc, freed memory kept (lora.malloc)" if kept else "default",
                   torch=torch.__version__, results=rows)
     tag = "cpu" if args.device == "cpu" else torch.cuda.get_device_name().replace(" ", "-")
     out = Path(args.out or ROOT / "bench" / "results" / f"train-{tag}{'-dropout' if args.dropout else ''}.json")
@@ -285,7 +292,7 @@ def table(result) -> str:
     c = result["config"]
     lines = [f"{result['device']} · ratios are medians of per-round ratios (95% bootstrap interval) · preset {c['preset']}{' layers=' + str(c['layers']) if c['layers'] else ''} · "
              f"batch {c['batch']} × seq {c['seq']} · r={c['r']} · dropout {c['dropout']} · {c['dtype']} · "
-             f"median of {c['steps']} alternating steps",
+             f"median of {c['steps']} alternating steps · malloc: {result.get('malloc', 'default')}",
              "", "| provider | step (s), median | min | tokens/s | × floor | PEFT ÷ this | peak RSS (MB) | ÷ PEFT's | step memory (MB) | ÷ PEFT's |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda v, fmt: "–" if v is None else format(v, fmt)

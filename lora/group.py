@@ -3,8 +3,8 @@
 For members i = 1..n with the same input x:
 
     S   = dropout(x) [A_1; …; A_n]ᵀ                         (M, Σr)   one GEMM reads x once
-    y_i = x W_iᵀ + b_i + s_i · S[:, i] B_iᵀ                  (M, out_i)  addmm_ epilogue, as in functional.py
-    dX  = Σ_i dY_i W_i + (dS [A_1; …; A_n]) ⊙ mask           one buffer, every term accumulated in place
+    y_i = b_i + s_i · S[:, i] B_iᵀ + x W_iᵀ                  (M, out_i)  small term first, base GEMM accumulates
+    dX  = (dS [A_1; …; A_n]) ⊙ mask + Σ_i dY_i W_i           one buffer, every base GEMM accumulated in place
     dA  = dSᵀ dropout(x)  (Σr, in), split per member;  dB_i = s_i · dY_iᵀ S[:, i]
 
 Compared with one op per projection this reads x once instead of n times (forward shrink and dA),
@@ -21,9 +21,8 @@ each member computing its own output, so correctness never depends on the call o
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from .functional import compact, drop, drop_, new_seed, shrink
+from .functional import compact, drop, drop_, expand, new_seed, shrink
 
 
 class GroupedLoRAFunction(torch.autograd.Function):
@@ -38,9 +37,10 @@ class GroupedLoRAFunction(torch.autograd.Function):
         S, dropped = shrink(x2, A_cat, dropout_p, seed)                  # (M, Σr); one mask for all members
         outs, off = [], 0
         for W, b, B, s, r in zip(Ws, bs, Bs, scalings, ranks):
-            y = F.linear(x, W, b)                                        # (..., out_i): the base, bit for bit
-            y.view(-1, W.shape[0]).addmm_(S[:, off:off + r], B.t(), alpha=s)
-            outs.append(y)
+            S_i = S[:, off:off + r].mul_(s)                              # s_i · S_i, kept for dB_i
+            y = expand(S_i, B, b)                                        # b_i + s_i · S_i B_iᵀ  (M, out_i)
+            y.addmm_(x2, W.t())                                          # y += x W_iᵀ: the base GEMM accumulates
+            outs.append(y.view(*x.shape[:-1], W.shape[0]))
             off += r
         ctx.save_for_backward(x, S, A_cat, None if dropped is None else compact(dropped, x2.numel()), *Ws, *Bs)
         ctx.n, ctx.ranks, ctx.scalings, ctx.dropout_p = n, ranks, scalings, dropout_p
@@ -59,8 +59,8 @@ class GroupedLoRAFunction(torch.autograd.Function):
         need_A = any(needs[4 + 2 * n: 4 + 3 * n])
         need_B = needs[4 + 3 * n: 4 + 4 * n]
         dBs, off = [], 0
-        for d, r, s, need in zip(dY2, ranks, scalings, need_B):
-            dBs.append(torch.mm(d.t(), S[:, off:off + r]).mul_(s) if need else None)   # (out_i, r_i)
+        for d, r, need in zip(dY2, ranks, need_B):
+            dBs.append(torch.mm(d.t(), S[:, off:off + r]) if need else None)   # (out_i, r_i): S_i saved as s_i · S_i
             off += r
         if dropped is not None:
             dropped = dropped.long()
@@ -71,15 +71,11 @@ class GroupedLoRAFunction(torch.autograd.Function):
             dAs = list(torch.mm(dS.t(), x2 if dropped is None else drop(x2, dropped)).split(ranks))   # (r_i, in)
         dX = None
         if need_x:
-            if dropped is None:
-                dX = torch.mm(dY2[0], Ws[0])                             # (M, in)
-                rest = zip(dY2[1:], Ws[1:])
-                dX.addmm_(dS, A_cat)
-            else:
-                dX = drop_(torch.mm(dS, A_cat), dropped)                 # (dS A) ⊙ mask  (M, in)
-                rest = zip(dY2, Ws)
-            for d, W in rest:
-                dX.addmm_(d, W)                                          # Σ_i dY_i W_i in the same buffer
+            dX = torch.mm(dS, A_cat)                                     # dS A  (M, in)
+            if dropped is not None:
+                drop_(dX, dropped)                                       # (dS A) ⊙ mask
+            for d, W in zip(dY2, Ws):
+                dX.addmm_(d, W)                                          # += Σ_i dY_i W_i in the same buffer
             dX = dX.view(x.shape)
         return (dX, None, None, None, *([None] * (2 * n)), *dAs, *dBs)
 

@@ -37,12 +37,13 @@ from .data import IGNORE, TokenizedData, epoch_order, load_dataset, split_eval
 from .device import Device, resolve_device
 from .errors import LoRAError
 from .inject import apply_lora, lora_layers, trainable_parameters
+from .malloc import keep_freed_memory
 
 STATE_FILE = "trainer_state.pt"
 RUN_FILE = "run.json"
 # Arguments that do not change the trained adapter: they may differ when a run is resumed.
 _NOT_IN_FINGERPRINT = {"out", "resume", "force", "log_every", "save_every", "eval_every",
-                       "keep_checkpoints", "progress"}
+                       "keep_checkpoints", "progress", "keep_freed_memory"}
 
 
 class TrainingDiverged(RuntimeError):
@@ -83,6 +84,7 @@ class TrainConfig:
     resume: bool = False
     force: bool = False
     progress: bool = True
+    keep_freed_memory: bool = True               # CPU + glibc: freed memory stays in the process (lora/malloc.py)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def fingerprint(self) -> dict:
@@ -463,6 +465,8 @@ def train(cfg: TrainConfig, out_mode: str | None = None) -> TrainResult:
         print(f"{len(data)} training examples of {cfg.max_seq_len} tokens, {global_batch} per step, "
               f"{total} steps" + (f"; resuming from {resumed_from}" if resumed_from else ""), file=sys.stderr)
 
+    if device.name == "cpu" and cfg.keep_freed_memory:
+        keep_freed_memory()      # from here on: each step reuses the last one's pages (lora/malloc.py)
     progress = Progress(total, start, cfg.progress and rank == 0)
     metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None
     window = {"loss": 0.0, "steps": 0, "tokens": 0.0, "t0": time.time()}

@@ -291,6 +291,8 @@ def test_cli_flags_build_the_config():
     assert demo and (cfg.lr, cfg.max_steps, cfg.lora.r, cfg.lora.lora_alpha) == (5e-3, 60, 16, 32)
     cfg, demo = train_cli.build_config(train_cli.parse_args(["--lr", "1e-3", "--r", "4"]))
     assert demo and (cfg.lr, cfg.lora.r) == (1e-3, 4)                       # a given flag wins
+    assert cfg.keep_freed_memory
+    assert not train_cli.build_config(train_cli.parse_args(["--no-keep-freed-memory"]))[0].keep_freed_memory
     cfg, demo = train_cli.build_config(train_cli.parse_args([
         "--model", "m", "--data", "d.jsonl", "--target-modules", "q_proj, v_proj", "--layers-to-transform", "0,2",
         "--exclude-modules", "v_proj", "--rank-pattern", '{"q_proj": 4}', "--alpha-pattern", '{"q_proj": 2}',
@@ -301,6 +303,17 @@ def test_cli_flags_build_the_config():
                                   rank_pattern={"q_proj": 4}, alpha_pattern={"q_proj": 2}, init_lora_weights="gaussian")
     with pytest.raises(LoRAError, match="--rank-pattern: not valid JSON"):
         train_cli.build_config(train_cli.parse_args(["--rank-pattern", "{q: 4}"]))
+
+
+def test_cpu_training_keeps_freed_memory_unless_told_not_to(tiny, tmp_path, monkeypatch):
+    import lora.trainer
+    calls = []
+    monkeypatch.setattr(lora.trainer, "keep_freed_memory", lambda: calls.append(1))
+    train(tiny_config(tiny, tmp_path / "a", max_steps=1, device="cpu"))
+    assert calls == [1]
+    train(tiny_config(tiny, tmp_path / "b", max_steps=1, device="cpu", keep_freed_memory=False))
+    assert calls == [1]
+    assert "keep_freed_memory" not in tiny_config(tiny, tmp_path).fingerprint()   # a resumed run may differ
 
 
 def test_too_few_examples_for_one_step(tiny, tmp_path):
