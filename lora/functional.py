@@ -13,9 +13,11 @@ Backward with W frozen (no dW, no db), in the same order (small term first, base
 With dropout, mask = 0 at the dropped elements and 1/(1 − p) elsewhere; the 1/(1 − p) is applied to
 S and dS (M × r) instead of to x, so dropping is only zeroing the dropped elements of a copy.
 
-Saved for backward: x (dA needs it; a frozen base alone would not keep it), s · S (M × r, tiny) and the
-flat indices of the dropped elements (≈ p · M · in int32s: a twentieth of x's size at p = 0.05) instead
-of dropout(x), which would cost one activation-sized tensor per adapted projection.
+Saved for backward: the one activation-sized tensor dA needs (a frozen base alone would keep none):
+x itself at p = 0; with dropout, the forward's copy of x with the dropped elements zeroed, which the
+shrink made anyway, so x can be freed and backward drops nothing again. Besides: s · S (M × r, tiny)
+and the flat indices of the dropped elements (≈ p · M · in int32s: a twentieth of x's size at
+p = 0.05), for the mask on dX.
 """
 from __future__ import annotations
 
@@ -66,11 +68,13 @@ def drop(x: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
 
 
 def shrink(x2: torch.Tensor, lora_A: torch.Tensor, p: float, seed: int):
-    """S = dropout(x2) Aᵀ (M, r), and the flat indices of the dropped elements (None when p = 0)."""
+    """(S, dropped, xd): S = dropout(x2) Aᵀ (M, r); the flat indices of the dropped elements (None when
+    p = 0); xd = x2 with them zeroed, not rescaled (x2 itself when p = 0), which is what dA needs."""
     if p == 0:
-        return torch.mm(x2, lora_A.t()), None
+        return torch.mm(x2, lora_A.t()), None, x2
     dropped = dropped_positions(x2.numel(), p, seed, x2.device)
-    return torch.mm(drop(x2, dropped), lora_A.t()).mul_(1 / (1 - p)), dropped
+    xd = drop(x2, dropped)
+    return torch.mm(xd, lora_A.t()).mul_(1 / (1 - p)), dropped, xd
 
 
 def expand(S: torch.Tensor, lora_B: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -96,19 +100,19 @@ class LoRALinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed: int):
         in_features, out_features = weight.shape[1], weight.shape[0]
         x2 = x.reshape(-1, in_features)                           # (M, in)
-        S, dropped = shrink(x2, lora_A, dropout_p, seed)          # (M, r), (≈ p·M·in,) or None
+        S, dropped, xd = shrink(x2, lora_A, dropout_p, seed)      # (M, r), (≈ p·M·in,) or None, (M, in)
         S.mul_(scaling)                                           # s · S: the scale on the small side, once
         y = expand(S, lora_B, bias)                               # b + s · S Bᵀ  (M, out)
         y.addmm_(x2, weight.t())                                  # y += x Wᵀ: the base GEMM accumulates
-        ctx.save_for_backward(x, weight, lora_A, lora_B, S, None if dropped is None else compact(dropped, x2.numel()))
-        ctx.scaling, ctx.dropout_p = scaling, dropout_p
+        ctx.save_for_backward(xd, weight, lora_A, lora_B, S, None if dropped is None else compact(dropped, x2.numel()))
+        ctx.scaling, ctx.dropout_p, ctx.x_shape = scaling, dropout_p, x.shape
         return y.view(*x.shape[:-1], out_features)
 
     @staticmethod
     def backward(ctx, dY):
-        x, weight, lora_A, lora_B, S, dropped = ctx.saved_tensors
+        xd, weight, lora_A, lora_B, S, dropped = ctx.saved_tensors
         s, p = ctx.scaling, ctx.dropout_p
-        out_features, in_features = weight.shape
+        out_features = weight.shape[0]
         dY2 = dY.reshape(-1, out_features)                       # (M, out)
         dS = torch.mm(dY2, lora_B).mul_(s)                        # (M, r)
         need_x, need_A, need_B = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
@@ -119,14 +123,13 @@ class LoRALinearFunction(torch.autograd.Function):
             dropped = dropped.long()
             dS.mul_(1 / (1 - p))                                  # the kept elements' scale, on the small side
         if need_A:
-            x2 = x.reshape(-1, in_features)
-            dA = torch.mm(dS.t(), x2 if dropped is None else drop(x2, dropped))   # (r, in)
+            dA = torch.mm(dS.t(), xd)                             # (r, in)
         if need_x:
             dX = torch.mm(dS, lora_A)                             # dS A  (M, in)
             if dropped is not None:
                 drop_(dX, dropped)                                # (dS A) ⊙ mask
             dX.addmm_(dY2, weight)                                # dX += dY W: the base GEMM accumulates
-            dX = dX.view(x.shape)
+            dX = dX.view(ctx.x_shape)
         return dX, None, None, dA, dB, None, None, None
 
 

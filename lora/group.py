@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .functional import compact, drop, drop_, expand, new_seed, shrink
+from .functional import compact, drop_, expand, new_seed, shrink
 
 
 class GroupedLoRAFunction(torch.autograd.Function):
@@ -34,7 +34,7 @@ class GroupedLoRAFunction(torch.autograd.Function):
         ranks = [A.shape[0] for A in As]
         A_cat = torch.cat(As)                                            # (Σr, in)
         x2 = x.reshape(-1, in_features)                                  # (M, in)
-        S, dropped = shrink(x2, A_cat, dropout_p, seed)                  # (M, Σr); one mask for all members
+        S, dropped, xd = shrink(x2, A_cat, dropout_p, seed)              # (M, Σr); one mask for all members
         outs, off = [], 0
         for W, b, B, s, r in zip(Ws, bs, Bs, scalings, ranks):
             S_i = S[:, off:off + r].mul_(s)                              # s_i · S_i, kept for dB_i
@@ -42,16 +42,15 @@ class GroupedLoRAFunction(torch.autograd.Function):
             y.addmm_(x2, W.t())                                          # y += x W_iᵀ: the base GEMM accumulates
             outs.append(y.view(*x.shape[:-1], W.shape[0]))
             off += r
-        ctx.save_for_backward(x, S, A_cat, None if dropped is None else compact(dropped, x2.numel()), *Ws, *Bs)
-        ctx.n, ctx.ranks, ctx.scalings, ctx.dropout_p = n, ranks, scalings, dropout_p
+        ctx.save_for_backward(xd, S, A_cat, None if dropped is None else compact(dropped, x2.numel()), *Ws, *Bs)
+        ctx.n, ctx.ranks, ctx.scalings, ctx.dropout_p, ctx.x_shape = n, ranks, scalings, dropout_p, x.shape
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *dYs):
         n, ranks, scalings, p = ctx.n, ctx.ranks, ctx.scalings, ctx.dropout_p
-        x, S, A_cat, dropped, *rest = ctx.saved_tensors
+        xd, S, A_cat, dropped, *rest = ctx.saved_tensors
         Ws, Bs = rest[:n], rest[n:]
-        in_features = x.shape[-1]
         dY2 = [dY.reshape(-1, W.shape[0]) for dY, W in zip(dYs, Ws)]     # (M, out_i)
         dS = torch.cat([torch.mm(d, B).mul_(s) for d, B, s in zip(dY2, Bs, scalings)], dim=1)   # (M, Σr)
         needs = ctx.needs_input_grad
@@ -67,8 +66,7 @@ class GroupedLoRAFunction(torch.autograd.Function):
             dS.mul_(1 / (1 - p))                                         # the kept elements' scale, on the small side
         dAs = [None] * n
         if need_A:
-            x2 = x.reshape(-1, in_features)
-            dAs = list(torch.mm(dS.t(), x2 if dropped is None else drop(x2, dropped)).split(ranks))   # (r_i, in)
+            dAs = list(torch.mm(dS.t(), xd).split(ranks))                 # (r_i, in)
         dX = None
         if need_x:
             dX = torch.mm(dS, A_cat)                                     # dS A  (M, in)
@@ -76,7 +74,7 @@ class GroupedLoRAFunction(torch.autograd.Function):
                 drop_(dX, dropped)                                       # (dS A) ⊙ mask
             for d, W in zip(dY2, Ws):
                 dX.addmm_(d, W)                                          # += Σ_i dY_i W_i in the same buffer
-            dX = dX.view(x.shape)
+            dX = dX.view(ctx.x_shape)
         return (dX, None, None, None, *([None] * (2 * n)), *dAs, *dBs)
 
 
