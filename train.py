@@ -91,7 +91,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     rt.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
                     help="CPU on Linux/glibc: keep freed memory in the process instead of handing it back "
                          "to the kernel after every step, so steps reuse warm pages instead of page-faulting "
-                         "fresh ones (about 10%% faster steps on the benchmark model); the process stays "
+                         "fresh ones (2-5%% faster steps on bench/bench_train.py's model); the process stays "
                          "at its peak memory. Ignored elsewhere (default: on)")
     return p.parse_args(argv)
 

@@ -2,8 +2,8 @@
 
 Three providers on the same model and batch, timed in alternating rounds in one process:
   floor  the frozen base model: forward, loss, backward to the input embeddings (no weight grads)
-  peft   PEFT's LoRA (when peft is installed) + AdamW step on the adapter
-  ours   lora.apply_lora + AdamW step on the adapter (q/k/v and gate/up share one shrink)
+  peft   PEFT's LoRA (when peft is installed) + fused AdamW step on the adapter
+  ours   lora.apply_lora + fused AdamW step on the adapter (q/k/v and gate/up share one shrink)
   ours-ungrouped  the same with one op per projection (--providers floor,ours,ours-ungrouped)
 Peak memory is measured per provider in a fresh subprocess: the peak RSS of the whole process, and the
 step memory, its rise above the resident model (weights, adapter, optimizer state after a first step)
