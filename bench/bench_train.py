@@ -5,9 +5,14 @@ Three providers on the same model and batch, timed in alternating rounds in one 
   peft   PEFT's LoRA (when peft is installed) + fused AdamW step on the adapter
   ours   lora.apply_lora + fused AdamW step on the adapter (q/k/v and gate/up share one shrink)
   ours-ungrouped  the same with one op per projection (--providers floor,ours,ours-ungrouped)
-Peak memory is measured per provider in a fresh subprocess: the peak RSS of the whole process, and the
-step memory, its rise above the resident model (weights, adapter, optimizer state after a first step)
-during the steps: activations, gradients and temporaries.
+  ours-saved-input  ours keeping every LoRA input for backward, none recomputed (lora.set_recompute_inputs)
+Peak memory is measured per provider in a fresh subprocess, over two steps after a first one:
+  peak tensor memory  the most bytes held by tensors at once (torch's allocator, as the profiler reports
+                      it on CPU; torch.cuda.max_memory_allocated on a GPU). Deterministic.
+  peak RSS            the whole process's resident set (CPU), which also counts what the C allocator
+                      holds: with freed memory kept (--keep-freed-memory) it depends on fragmentation.
+Each also has its rise above the resident model (weights, adapter, optimizer state): the step's
+activations, gradients and temporaries (tensor_step_mb, step_mb in the JSON).
 Writes bench/results/train-<device>.json and prints a markdown table.
 
     python bench/bench_train.py                  # the CPU config of the issue: 6 x 1024, GQA 16/4, seq 256, batch 4, r=16
@@ -43,7 +48,7 @@ PRESETS = {
     "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                      num_key_value_heads=8, vocab_size=128256),
 }
-PROVIDERS = ("floor", "peft", "ours")   # also available: "ours-ungrouped" (one op per projection)
+PROVIDERS = ("floor", "peft", "ours")   # also available: "ours-ungrouped", "ours-saved-input"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -59,7 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--steps", type=int, default=5, help="timed steps per provider (default 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per provider first (default 2)")
-    p.add_argument("--providers", default=",".join(PROVIDERS), help="comma list of floor,peft,ours,ours-ungrouped")
+    p.add_argument("--providers", default=",".join(PROVIDERS), help="comma list of floor,peft,ours,ours-ungrouped,ours-saved-input")
     p.add_argument("--no-memory", action="store_true", help="skip the per-provider peak-memory subprocesses")
     p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
                    help="CPU: glibc keeps freed memory in the process (lora.malloc, as train.py does) for every "
@@ -95,7 +100,8 @@ def make_provider(name, base, args):
     else:
         import lora
         lora.apply_lora(model, lora.LoRAConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=args.dropout,
-                                               target_modules=targets), group_shared_inputs=name == "ours")
+                                               target_modules=targets), group_shared_inputs=name != "ours-ungrouped")
+        model.lora_recompute_inputs = name != "ours-saved-input"      # applied by step()
     params = [p for p in model.parameters() if p.requires_grad]
     with torch.no_grad():     # a non-zero B so the LoRA branch is real work
         for n, p in model.named_parameters():
@@ -116,6 +122,9 @@ def step(model, opt, ids, args):
     floor's backward must reach every layer; LoRA alone would skip layer 0's dX) and the difference
     is the adapter's cost alone."""
     model.train()
+    if hasattr(model, "lora_recompute_inputs"):
+        import lora
+        lora.set_recompute_inputs(model.lora_recompute_inputs)
     emb = model.get_input_embeddings()(ids).detach().requires_grad_()
     autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.dtype == "bf16" and args.device != "cpu")
     with autocast:
@@ -190,32 +199,68 @@ class PeakRSS:
         self.peak = max(self.peak, rss_mb())
 
 
+def live_tensor_mb() -> float:
+    """The bytes of every CPU tensor storage the garbage collector can reach (each storage once)."""
+    import gc
+    gc.collect()
+    storages = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and obj.device.type == "cpu" and not obj.is_meta:
+            st = obj.untyped_storage()
+            storages[st.data_ptr()] = st.nbytes()
+    return sum(storages.values()) / 2**20
+
+
+def tensor_peak_rise_mb(run) -> float:
+    """How far the bytes held by CPU tensors rise above their level at the start while `run()` runs:
+    every allocation and free that torch's allocator reports to the profiler, summed in time order.
+    Deterministic, unlike RSS, which also counts what the C allocator keeps (lora.malloc) or fragments."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    # The raw records (one per allocation or free, with its size) are what torch.autograd.profiler
+    # itself sums into each op's memory; `events()` has them named "[memory]".
+    records = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                     if e.name() == "[memory]" and e.device_type() == DeviceType.CPU)
+    live = peak = 0
+    for _, nbytes in records:
+        live += nbytes
+        peak = max(peak, live)
+    return peak / 2**20
+
+
 def memory_child(args, name):
-    """Runs in a subprocess: the peak resident memory of `name`'s training steps, and how far it
-    rises above the resident model (weights, adapter, optimizer state after a first step)."""
+    """Runs in a subprocess: the peak memory of `name`'s training steps, and how far it rises above the
+    resident model (weights, adapter, optimizer state after a first step). On CPU, twice: the process's
+    resident set (what the OS sees, including what the C allocator holds), and the bytes held by
+    tensors (what torch allocated; what `torch.cuda.max_memory_allocated` reports on a GPU)."""
     base = build_base(args)
     ids = make_batch(base, args)
     model, opt = make_provider(name, base, args)
     del base
     step(model, opt, ids, args)              # optimizer state exists from here on
+    two_steps = lambda: [step(model, opt, ids, args) for _ in range(2)]
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated() / 2**20
-        for _ in range(2):
-            step(model, opt, ids, args)
+        two_steps()
         peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        import ctypes
-        import gc
-        gc.collect()
-        ctypes.CDLL("libc.so.6").malloc_trim(0)      # hand freed pages back, so RSS = live memory
-        before = rss_mb()
-        with PeakRSS() as sampler:
-            for _ in range(2):
-                step(model, opt, ids, args)
-        peak = sampler.peak
-    print(json.dumps({"peak_mb": peak, "step_mb": peak - before}))
+        print(json.dumps({"peak_mb": peak, "step_mb": peak - before,
+                          "tensor_peak_mb": peak, "tensor_step_mb": peak - before}))
+        return
+    import ctypes
+    import gc
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)      # hand freed pages back, so RSS = live memory
+    before = rss_mb()
+    with PeakRSS() as sampler:
+        two_steps()
+    resident = live_tensor_mb()
+    rise = tensor_peak_rise_mb(two_steps)
+    print(json.dumps({"peak_mb": sampler.peak, "step_mb": sampler.peak - before,
+                      "tensor_peak_mb": resident + rise, "tensor_step_mb": rise}))
 
 
 def measure_memory(args, name, argv):
@@ -234,6 +279,9 @@ def main(argv=None):
     if args.memory_child:
         return memory_child(args, args.memory_child)
     names = [n for n in args.providers.split(",") if n]
+    unknown = set(names) - {"floor", "peft", "ours", "ours-ungrouped", "ours-saved-input"}
+    if unknown:
+        sys.exit(f"bench_train.py: error: unknown provider(s) {', '.join(sorted(unknown))}")
     if "peft" in names:
         try:
             import peft  # noqa: F401
@@ -274,6 +322,7 @@ def main(argv=None):
             r["peak_vs_floor"] = r["peak_mb"] / floor_mem if floor_mem else None
             r["peak_vs_peft"] = r["peak_mb"] / peft_mem["peak_mb"] if peft_mem else None
             r["step_mem_vs_peft"] = r["step_mb"] / peft_mem["step_mb"] if peft_mem else None
+            r["tensor_peak_vs_peft"] = r["tensor_peak_mb"] / peft_mem["tensor_peak_mb"] if peft_mem else None
     result = dict(device=device_name, config=dict(vars(args), memory_child=None), tokens_per_step=tokens,
                   malloc="glibc, freed memory kept (lora.malloc)" if kept else "default",
                   torch=torch.__version__, results=rows)
@@ -293,14 +342,14 @@ def table(result) -> str:
     lines = [f"{result['device']} · ratios are medians of per-round ratios (95% bootstrap interval) · preset {c['preset']}{' layers=' + str(c['layers']) if c['layers'] else ''} · "
              f"batch {c['batch']} × seq {c['seq']} · r={c['r']} · dropout {c['dropout']} · {c['dtype']} · "
              f"median of {c['steps']} alternating steps · malloc: {result.get('malloc', 'default')}",
-             "", "| provider | step (s), median | min | tokens/s | × floor | PEFT ÷ this | peak RSS (MB) | ÷ PEFT's | step memory (MB) | ÷ PEFT's |",
+             "", "| provider | step (s), median | min | tokens/s | × floor | PEFT ÷ this | peak tensor memory (MB) | ÷ PEFT's | peak RSS (MB) | ÷ PEFT's |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda v, fmt: "–" if v is None else format(v, fmt)
     fci = lambda v, c: f(v, ".3f") + (f" ({c[0]:.3f}–{c[1]:.3f})" if c else "")
     for r in result["results"]:
         lines.append(f"| {r['provider']} | {r['step_s']:.3f} | {r['min_step_s']:.3f} | {r['tokens_per_s']:.0f} | {fci(r['ratio_to_floor'], r.get('ratio_to_floor_ci95'))} | "
-                     f"{fci(r['speedup_vs_peft'], r.get('speedup_vs_peft_ci95'))} | {f(r.get('peak_mb'), '.0f')} | "
-                     f"{f(r.get('peak_vs_peft'), '.2f')} | {f(r.get('step_mb'), '.0f')} | {f(r.get('step_mem_vs_peft'), '.2f')} |")
+                     f"{fci(r['speedup_vs_peft'], r.get('speedup_vs_peft_ci95'))} | {f(r.get('tensor_peak_mb'), '.0f')} | "
+                     f"{f(r.get('tensor_peak_vs_peft'), '.2f')} | {f(r.get('peak_mb'), '.0f')} | {f(r.get('peak_vs_peft'), '.2f')} |")
     return "\n".join(lines)
 
 

@@ -3,7 +3,7 @@
     y = x Wᵀ + b + scaling · (dropout(x) Aᵀ) Bᵀ,   scaling = lora_alpha / r
 """
 from .adapter import load_adapter, save_adapter
-from .backend import get_backend, set_backend
+from .backend import get_backend, get_recompute_inputs, set_backend, set_recompute_inputs
 from .config import LLAMA_TARGETS, LoRAConfig
 from .errors import LoRAError
 from .inject import apply_lora, disable_adapter, lora_layers, merge_lora, trainable_parameters
@@ -13,6 +13,6 @@ from .merge_checkpoint import merge_checkpoint
 __all__ = [
     "LoRAConfig", "LoRALinear", "LoRAError", "LLAMA_TARGETS", "apply_lora", "merge_lora",
     "disable_adapter", "lora_layers", "trainable_parameters", "save_adapter", "load_adapter",
-    "set_backend", "get_backend", "merge_checkpoint",
+    "set_backend", "get_backend", "set_recompute_inputs", "get_recompute_inputs", "merge_checkpoint",
 ]
 __version__ = "0.1.0"

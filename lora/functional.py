@@ -13,17 +13,22 @@ Backward with W frozen (no dW, no db), in the same order (small term first, base
 With dropout, mask = 0 at the dropped elements and 1/(1 − p) elsewhere; the 1/(1 − p) is applied to
 S and dS (M × r) instead of to x, so dropping is only zeroing the dropped elements of a copy.
 
-Saved for backward: the one activation-sized tensor dA needs (a frozen base alone would keep none):
-x itself at p = 0; with dropout, the forward's copy of x with the dropped elements zeroed, which the
-shrink made anyway, so x can be freed and backward drops nothing again. Besides: s · S (M × r, tiny)
-and the flat indices of the dropped elements (≈ p · M · in int32s: a twentieth of x's size at
-p = 0.05), for the mask on dX.
+Saved for backward: dA needs x, and a frozen base alone would keep none. When x is a product whose
+factors the base's backward keeps anyway (RMSNorm's output, the gated MLP's act(g) ⊙ u: a `recipe`,
+lora/recompute.py), nothing of x's size is saved: backward multiplies x again and drops the same
+elements. Otherwise the one activation-sized tensor: x itself at p = 0; with dropout, the forward's
+copy of x with the dropped elements zeroed, which the shrink made anyway, so x can be freed and
+backward drops nothing again. Besides: s · S (M × r, tiny) and the flat indices of the dropped
+elements (≈ p · M · in int32s: a twentieth of x's size at p = 0.05), for the mask on dX and the
+recomputed x.
 """
 from __future__ import annotations
 
 import math
 
 import torch
+
+from .recompute import product_recipe, recompute
 
 
 def dropped_positions(numel: int, p: float, seed: int, device=None) -> torch.Tensor:
@@ -97,15 +102,16 @@ def new_seed() -> int:
 
 class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed: int):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed: int, recipe=None):
         in_features, out_features = weight.shape[1], weight.shape[0]
         x2 = x.reshape(-1, in_features)                           # (M, in)
         S, dropped, xd = shrink(x2, lora_A, dropout_p, seed)      # (M, r), (≈ p·M·in,) or None, (M, in)
         S.mul_(scaling)                                           # s · S: the scale on the small side, once
         y = expand(S, lora_B, bias)                               # b + s · S Bᵀ  (M, out)
         y.addmm_(x2, weight.t())                                  # y += x Wᵀ: the base GEMM accumulates
-        ctx.save_for_backward(xd, weight, lora_A, lora_B, S, None if dropped is None else compact(dropped, x2.numel()))
-        ctx.scaling, ctx.dropout_p, ctx.x_shape = scaling, dropout_p, x.shape
+        ctx.save_for_backward(None if recipe else xd, weight, lora_A, lora_B, S,
+                              None if dropped is None else compact(dropped, x2.numel()))
+        ctx.scaling, ctx.dropout_p, ctx.x_shape, ctx.x_dtype, ctx.recipe = scaling, dropout_p, x.shape, x.dtype, recipe
         return y.view(*x.shape[:-1], out_features)
 
     @staticmethod
@@ -123,6 +129,8 @@ class LoRALinearFunction(torch.autograd.Function):
             dropped = dropped.long()
             dS.mul_(1 / (1 - p))                                  # the kept elements' scale, on the small side
         if need_A:
+            if ctx.recipe:                                        # x multiplied again, dropped again
+                xd = recomputed_input(ctx.recipe, ctx.x_shape, ctx.x_dtype, dropped)
             dA = torch.mm(dS.t(), xd)                             # (r, in)
         if need_x:
             dX = torch.mm(dS, lora_A)                             # dS A  (M, in)
@@ -130,12 +138,28 @@ class LoRALinearFunction(torch.autograd.Function):
                 drop_(dX, dropped)                                # (dS A) ⊙ mask
             dX.addmm_(dY2, weight)                                # dX += dY W: the base GEMM accumulates
             dX = dX.view(ctx.x_shape)
-        return dX, None, None, dA, dB, None, None, None
+        return dX, None, None, dA, dB, None, None, None, None
+
+
+def input_recipe(x: torch.Tensor, need_A: bool, allowed: bool = True):
+    """How backward can rebuild x instead of keeping it (lora/recompute.py), or None: only when dA
+    will be needed and x is such a product. `allowed=False` (graph capture) never looks."""
+    if not (allowed and need_A and torch.is_grad_enabled()):
+        return None
+    return product_recipe(x)
+
+
+def recomputed_input(recipe, x_shape, x_dtype, dropped) -> torch.Tensor:
+    """dropout(x) as the shrink saw it, not rescaled (M, in): x from its recipe, the same elements zeroed."""
+    xd = recompute(recipe, x_shape, x_dtype).reshape(-1, x_shape[-1]).contiguous()
+    return xd if dropped is None else drop_(xd, dropped)
 
 
 def lora_linear_torch(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float = 0.0,
-                      seed: int | None = None) -> torch.Tensor:
-    """`y = x Wᵀ + b + scaling · (dropout(x) Aᵀ) Bᵀ` for x of shape (..., in); grads to x, A, B only."""
+                      seed: int | None = None, recompute_input: bool = True) -> torch.Tensor:
+    """`y = x Wᵀ + b + scaling · (dropout(x) Aᵀ) Bᵀ` for x of shape (..., in); grads to x, A, B only.
+    `recompute_input`: rebuild x in backward when autograd keeps its factors anyway (see above)."""
     if dropout_p > 0 and seed is None:
         seed = new_seed()
-    return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed or 0)
+    return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed or 0,
+                                    input_recipe(x, lora_A.requires_grad, recompute_input))

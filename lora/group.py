@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import torch
 
-from .functional import compact, drop_, expand, new_seed, shrink
+from .functional import compact, drop_, expand, input_recipe, new_seed, recomputed_input, shrink
 
 
 class GroupedLoRAFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dropout_p: float, seed: int, scalings: tuple, *params):
+    def forward(ctx, x, dropout_p: float, seed: int, scalings: tuple, recipe, *params):
         n = len(scalings)
         Ws, bs, As, Bs = params[0:n], params[n:2 * n], params[2 * n:3 * n], params[3 * n:4 * n]
         in_features = x.shape[-1]
@@ -42,8 +42,10 @@ class GroupedLoRAFunction(torch.autograd.Function):
             y.addmm_(x2, W.t())                                          # y += x W_iᵀ: the base GEMM accumulates
             outs.append(y.view(*x.shape[:-1], W.shape[0]))
             off += r
-        ctx.save_for_backward(xd, S, A_cat, None if dropped is None else compact(dropped, x2.numel()), *Ws, *Bs)
-        ctx.n, ctx.ranks, ctx.scalings, ctx.dropout_p, ctx.x_shape = n, ranks, scalings, dropout_p, x.shape
+        ctx.save_for_backward(None if recipe else xd, S, A_cat, None if dropped is None else compact(dropped, x2.numel()),
+                              *Ws, *Bs)
+        ctx.n, ctx.ranks, ctx.scalings, ctx.dropout_p = n, ranks, scalings, dropout_p
+        ctx.x_shape, ctx.x_dtype, ctx.recipe = x.shape, x.dtype, recipe       # recipe: x rebuilt in backward
         return tuple(outs)
 
     @staticmethod
@@ -55,8 +57,8 @@ class GroupedLoRAFunction(torch.autograd.Function):
         dS = torch.cat([torch.mm(d, B).mul_(s) for d, B, s in zip(dY2, Bs, scalings)], dim=1)   # (M, Σr)
         needs = ctx.needs_input_grad
         need_x = needs[0]
-        need_A = any(needs[4 + 2 * n: 4 + 3 * n])
-        need_B = needs[4 + 3 * n: 4 + 4 * n]
+        need_A = any(needs[5 + 2 * n: 5 + 3 * n])
+        need_B = needs[5 + 3 * n: 5 + 4 * n]
         dBs, off = [], 0
         for d, r, need in zip(dY2, ranks, need_B):
             dBs.append(torch.mm(d.t(), S[:, off:off + r]) if need else None)   # (out_i, r_i): S_i saved as s_i · S_i
@@ -66,6 +68,8 @@ class GroupedLoRAFunction(torch.autograd.Function):
             dS.mul_(1 / (1 - p))                                         # the kept elements' scale, on the small side
         dAs = [None] * n
         if need_A:
+            if ctx.recipe:                                               # x multiplied again, dropped again
+                xd = recomputed_input(ctx.recipe, ctx.x_shape, ctx.x_dtype, dropped)
             dAs = list(torch.mm(dS.t(), xd).split(ranks))                 # (r_i, in)
         dX = None
         if need_x:
@@ -75,7 +79,7 @@ class GroupedLoRAFunction(torch.autograd.Function):
             for d, W in zip(dY2, Ws):
                 dX.addmm_(d, W)                                          # += Σ_i dY_i W_i in the same buffer
             dX = dX.view(ctx.x_shape)
-        return (dX, None, None, None, *([None] * (2 * n)), *dAs, *dBs)
+        return (dX, None, None, None, None, *([None] * (2 * n)), *dAs, *dBs)
 
 
 class SharedInputGroup:
@@ -97,8 +101,9 @@ class SharedInputGroup:
         # Inference-mode tensors carry no version counter to tell an in-place change: no sharing.
         return not x.is_inference() and all(not (m.merged or m.disabled) for m in self.members)
 
-    def forward(self, member, x: torch.Tensor, p: float, cast) -> torch.Tensor:
-        """`member`'s output for `x` with dropout `p`; `cast` maps (x, W, b, A, B) to the compute dtype."""
+    def forward(self, member, x: torch.Tensor, p: float, cast, recompute_input: bool = True) -> torch.Tensor:
+        """`member`'s output for `x` with dropout `p`; `cast` maps (x, W, b, A, B) to the compute dtype;
+        `recompute_input`: rebuild x in backward when autograd keeps its factors anyway."""
         i = self.members.index(member)
         if x is self._pending_input and i in self._pending and self._key(x) == self._pending_key:
             out = self._pending.pop(i)
@@ -111,7 +116,8 @@ class SharedInputGroup:
             xs, W, b, A, B = cast(xs, m.weight, m.bias, m.lora_A, m.lora_B)   # x is cast once
             Ws.append(W); bs.append(b); As.append(A); Bs.append(B)
         seed = new_seed() if p > 0 else 0
-        outs = GroupedLoRAFunction.apply(xs, p, seed, tuple(float(m.scaling) for m in self.members),
+        recipe = input_recipe(xs, any(A.requires_grad for A in As), recompute_input)
+        outs = GroupedLoRAFunction.apply(xs, p, seed, tuple(float(m.scaling) for m in self.members), recipe,
                                          *Ws, *bs, *As, *Bs)
         self._pending = {j: o for j, o in enumerate(outs) if j != i}
         self._pending_input, self._pending_key = x, key

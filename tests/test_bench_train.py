@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -35,9 +36,23 @@ def test_small_run_writes_json_and_table(tmp_path):
         assert len(row["steps"]) == 3 and row["min_step_s"] <= row["step_s"]
         assert row["tokens_per_s"] == pytest.approx(16 / row["step_s"])
         assert 0 < row["step_mb"] < row["peak_mb"]
+        assert 0 < row["tensor_step_mb"] < row["tensor_peak_mb"] < row["peak_mb"]     # tensors are part of RSS
         if name != "floor":
             lo, hi = row["ratio_to_floor_ci95"]
             assert lo <= row["ratio_to_floor"] <= hi
     assert rows["floor"]["ratio_to_floor"] == 1.0 and rows["floor"]["ratio_to_floor_ci95"] is None
     assert rows["peft"]["speedup_vs_peft"] == 1.0 and rows["peft"]["peak_vs_peft"] == 1.0
-    assert "| ours |" in r.stdout and "95% bootstrap interval" in r.stdout
+    assert "| ours |" in r.stdout and "95% bootstrap interval" in r.stdout and "peak tensor memory" in r.stdout
+
+
+def test_tensor_peak_counts_what_a_run_holds_at_once():
+    def run():
+        a = torch.empty(3 * 2**20, dtype=torch.uint8)     # 3 MiB
+        b = torch.empty(5 * 2**20, dtype=torch.uint8)     # 5 MiB, both held: 8 MiB
+        del a, b
+        c = torch.empty(6 * 2**20, dtype=torch.uint8)     # 6 MiB alone
+        del c
+    assert 8 <= bench_train.tensor_peak_rise_mb(run) < 8.01
+    keep = torch.empty(4 * 2**20, dtype=torch.uint8)
+    assert bench_train.live_tensor_mb() >= 4
+    del keep

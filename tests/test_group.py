@@ -19,7 +19,7 @@ def members(bias=(True, False, True), ranks=(3, 5, 2), outs=(29, 13, 13), inp=45
 
 
 def apply_group(ms, x, p, seed):
-    return GroupedLoRAFunction.apply(x, p, seed, tuple(m.scaling for m in ms), *[m.weight for m in ms],
+    return GroupedLoRAFunction.apply(x, p, seed, tuple(m.scaling for m in ms), None, *[m.weight for m in ms],
                                      *[m.bias for m in ms], *[m.lora_A for m in ms], *[m.lora_B for m in ms])
 
 
