@@ -8,13 +8,16 @@ Backward, W and b frozen, three launches:
     dS = s · dY B, dB = s · dYᵀ S        one pass over dY (dy_pass.py)
     dX = dY W + (dS A) ⊙ mask            one concatenated-K GEMM (gemm.py)
     dA = dSᵀ dropout(x)                  (grad_a.py)
-Saved for backward: x (autograd keeps it for the previous layer anyway), S (M × r) and the dropout
-seed; W, A, B are parameters, saved by reference. The mask is regenerated, never stored.
+Saved for backward: x, S (M × r) and the dropout seed; W, A, B are parameters, saved by reference.
+The mask is regenerated, never stored. When x is a product whose factors the base's backward keeps
+anyway (RMSNorm's output, act(g) ⊙ u: lora/recompute.py), x is not saved but multiplied again in
+backward, as on the plain path.
 """
 from __future__ import annotations
 
 import torch
 
+from lora.recompute import product_recipe, recompute    # absolute: this package may be imported as `kernels`
 from . import launch
 from .dropout import new_seed
 from .dy_pass import dy_pass
@@ -25,13 +28,14 @@ from .shrink import shrink
 
 class LoRALinearTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed: int):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed: int, recipe=None):
         N, K = weight.shape
         x2 = x.reshape(-1, K)                                     # (M, K): a view unless x's layout forbids
         S = shrink(x2, lora_A, dropout_p, seed)                   # (M, r)
         y = lora_gemm(x2, weight.t(), S, lora_B.t(), scaling, bias, 0.0, 0)   # (M, N)
-        ctx.save_for_backward(x2, weight, lora_A, lora_B, S)
-        ctx.scaling, ctx.dropout_p, ctx.seed, ctx.x_shape = scaling, dropout_p, seed, x.shape
+        ctx.save_for_backward(None if recipe else x2, weight, lora_A, lora_B, S)
+        ctx.scaling, ctx.dropout_p, ctx.seed, ctx.x_shape, ctx.x_dtype = scaling, dropout_p, seed, x.shape, x.dtype
+        ctx.recipe = recipe
         return y.view(*x.shape[:-1], N)
 
     @staticmethod
@@ -48,8 +52,10 @@ class LoRALinearTriton(torch.autograd.Function):
             if need_x:                                            # dY W + (dS A) ⊙ mask, scaling already in dS
                 dX = lora_gemm(dy2, weight, dS, lora_A, 1.0, None, p, seed).view(ctx.x_shape)
             if need_A:
+                if ctx.recipe:                                    # x multiplied again; grad_a drops it
+                    x2 = recompute(ctx.recipe, ctx.x_shape, ctx.x_dtype).reshape(-1, weight.shape[1])
                 dA = grad_a(dS, x2, p, seed)                      # (r, K)
-        return dX, None, None, dA, dB, None, None, None
+        return dX, None, None, dA, dB, None, None, None, None
 
 
 def _check(x, weight, bias, lora_A, lora_B, dropout_p) -> None:
@@ -77,16 +83,19 @@ def _check(x, weight, bias, lora_A, lora_B, dropout_p) -> None:
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
-                lora_B: torch.Tensor, scaling: float, dropout_p: float = 0.0, seed: int | None = None
-                ) -> torch.Tensor:
+                lora_B: torch.Tensor, scaling: float, dropout_p: float = 0.0, seed: int | None = None,
+                recompute_input: bool = True) -> torch.Tensor:
     """y = x Wᵀ + b + scaling · (dropout(x) Aᵀ) Bᵀ for x (..., in); gradients to x, lora_A, lora_B.
 
     All of x, weight, lora_A, lora_B in one dtype (fp32, bf16 or fp16); accumulation in fp32.
-    `seed` fixes the dropout mask (drawn from torch's generator when None and dropout_p > 0)."""
+    `seed` fixes the dropout mask (drawn from torch's generator when None and dropout_p > 0).
+    `recompute_input`: multiply x again in backward instead of saving it, when autograd keeps its
+    factors anyway (lora/recompute.py)."""
     _check(x, weight, bias, lora_A, lora_B, dropout_p)
     if x.numel() == 0:       # no rows: nothing to launch; keep autograd's graph through x and A, B
         return x @ weight.t() + (x @ lora_A.t()) @ lora_B.t() + (bias if bias is not None else 0)
     if dropout_p > 0 and seed is None:
         seed = new_seed()
+    recipe = product_recipe(x) if recompute_input and torch.is_grad_enabled() and lora_A.requires_grad else None
     return LoRALinearTriton.apply(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p),
-                                  int(seed or 0))
+                                  int(seed or 0), recipe)

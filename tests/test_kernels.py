@@ -302,6 +302,27 @@ def test_lora_linear_layer_triton_backend_matches_plain_path():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_triton_op_rebuilds_a_product_input_bit_for_bit(p):
+    """x = act(g) ⊙ u (down_proj's input): the op saves no x and multiplies it again in backward;
+    every gradient equals the op that saves x, bit for bit (the same kernels on the same values)."""
+    torch.manual_seed(2)
+    g = torch.randn(2, 37, 45, device=DEVICE, requires_grad=True)
+    u = torch.randn(2, 37, 45, device=DEVICE, requires_grad=True)
+    W = torch.randn(29, 45, device=DEVICE)
+    A0, B0 = torch.randn(8, 45, device=DEVICE) * 0.2, torch.randn(29, 8, device=DEVICE) * 0.2
+    res = []
+    for rebuild in (True, False):
+        A, B = A0.clone().requires_grad_(), B0.clone().requires_grad_()
+        y = lora_linear(torch.nn.functional.silu(g) * u, W, None, A, B, 2.0, p, seed=7, recompute_input=rebuild)
+        assert (y.grad_fn.saved_tensors[0] is None) == rebuild
+        y.backward(torch.linspace(-1, 1, y.numel(), device=DEVICE).view_as(y))
+        res.append((y.detach(), A.grad, B.grad, g.grad.clone(), u.grad.clone()))
+        g.grad = u.grad = None
+    for a, b in zip(*res):
+        assert torch.equal(a, b)
+
+
 def test_package_contract():
     assert lora.kernels.AVAILABLE is True
     assert not hasattr(lora.kernels, "__version__")
