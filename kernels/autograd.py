@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from lora.recompute import product_recipe, recompute    # absolute: this package may be imported as `kernels`
+from lora.functional import input_recipe    # absolute: this package may be imported as `kernels`
+from lora.recompute import recompute
 from . import launch
 from .dropout import new_seed
 from .dy_pass import dy_pass
@@ -96,6 +97,6 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         return x @ weight.t() + (x @ lora_A.t()) @ lora_B.t() + (bias if bias is not None else 0)
     if dropout_p > 0 and seed is None:
         seed = new_seed()
-    recipe = product_recipe(x) if recompute_input and torch.is_grad_enabled() and lora_A.requires_grad else None
+    recipe = input_recipe(x, lora_A.requires_grad, recompute_input)
     return LoRALinearTriton.apply(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p),
                                   int(seed or 0), recipe)
