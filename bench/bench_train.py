@@ -36,6 +36,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import lora  # noqa: E402
 from lora.malloc import keep_freed_memory  # noqa: E402
 PRESETS = {
     # the issue's CPU config
@@ -98,7 +99,6 @@ def make_provider(name, base, args):
         model = peft.get_peft_model(model, peft.LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=args.dropout,
                                                            target_modules=targets, task_type="CAUSAL_LM"))
     else:
-        import lora
         lora.apply_lora(model, lora.LoRAConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=args.dropout,
                                                target_modules=targets), group_shared_inputs=name != "ours-ungrouped")
         model.lora_recompute_inputs = name != "ours-saved-input"      # applied by step()
@@ -123,7 +123,6 @@ def step(model, opt, ids, args):
     is the adapter's cost alone."""
     model.train()
     if hasattr(model, "lora_recompute_inputs"):
-        import lora
         lora.set_recompute_inputs(model.lora_recompute_inputs)
     emb = model.get_input_embeddings()(ids).detach().requires_grad_()
     autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.dtype == "bf16" and args.device != "cpu")

@@ -12,8 +12,9 @@ either saved by that multiply (it keeps `self` when `other` needs a gradient, an
 does) or, when it is not, is itself the untouched output of such a multiply. In backward the factors
 are unpacked (`_saved_self`, `_saved_other`: they share storage with what autograd holds) and
 multiplied again in the same order: the same ops on the same values, so x comes back bit for bit.
-No other pattern qualifies (o_proj's input, a cast, a view, a fused norm kernel), nor a factor saved
-through saved-tensor hooks (non-reentrant checkpointing, CPU offload): then x is saved.
+No other pattern qualifies (o_proj's input, a cast, a view, a fused norm kernel, an x with no
+autograd history such as layer 0's norm of frozen embeddings), nor a factor saved through
+saved-tensor hooks (non-reentrant checkpointing, CPU offload): then x is saved.
 """
 from __future__ import annotations
 
