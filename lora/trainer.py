@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .adapter import load_adapter_tensors, read_adapter_tensors, save_adapter
-from .atomic import atomic_dir, atomic_write_text, clean_stale
+from .atomic import atomic_dir, atomic_write_text, clean_stale_in
 from .config import LoRAConfig
 from .data import IGNORE, TokenizedData, epoch_order, load_dataset, split_eval
 from .device import Device, resolve_device
@@ -428,7 +428,8 @@ def train(cfg: TrainConfig, out_mode: str | None = None) -> TrainResult:
                 (out / name).unlink(missing_ok=True)
         atomic_write_text(out / RUN_FILE, json.dumps(cfg.fingerprint(), indent=2, sort_keys=True) + "\n")
         (out / "checkpoints").mkdir(exist_ok=True)
-        clean_stale(out / "adapter")
+        clean_stale_in(out)                          # what a killed run's writes left (lora/atomic.py)
+        clean_stale_in(out / "checkpoints")
 
     model = load_model(cfg.model, dtype, device)
     device.manual_seed(cfg.seed)                 # same LoRA init on every rank

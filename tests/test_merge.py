@@ -67,7 +67,7 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def assert_nothing_written(out: Path):
     assert not out.exists()
-    assert not list(out.parent.glob(f".tmp-{out.name}-*"))
+    assert not list(out.parent.glob(f".tmp-{out.name}.*"))
 
 
 @pytest.fixture(scope="module")
@@ -246,10 +246,10 @@ def test_sigkill_mid_merge_leaves_no_out_and_next_run_cleans_up(work, tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert not out.exists()
-    stale = list(tmp_path.glob(".tmp-out-*"))
+    stale = list(tmp_path.glob(".tmp-out.*"))
     assert len(stale) == 1 and any(stale[0].glob("*.safetensors"))      # killed with a partial shard
     merge_checkpoint(work["sharded"], work["sharded_adapter"], out, progress=False)
-    assert not list(tmp_path.glob(".tmp-out-*"))
+    assert not list(tmp_path.glob(".tmp-out.*"))
     check_exact(work["sharded"], work["sharded_adapter"], out, 7 / 5)
 
 

@@ -192,11 +192,16 @@ def test_resume_after_sigkill_is_bit_identical(tiny, tmp_path):
     assert first.exists(), killed.stderr.read()
     assert not (tmp_path / "run" / "adapter").exists(), "the run finished before the kill; raise `steps`"
     assert ref.wait() == 0, ref.stderr.read()
+    # what killed writes leave (lora/atomic.py), whether or not this kill left any
+    (tmp_path / "run" / "checkpoints" / ".tmp-step-8.k1ll3d00").mkdir(exist_ok=True)
+    (tmp_path / "run" / ".tmp-metrics.jsonl.k1ll3d00").write_text("half a line")
 
     resumed = run_cli(args(tmp_path / "run") + ["--resume"])
     _, err = resumed.communicate()
     assert resumed.returncode == 0, err
     assert "resuming from" in err
+    for d in (tmp_path / "run", tmp_path / "run" / "checkpoints"):
+        assert not [p.name for p in d.iterdir() if p.name.startswith((".tmp-", ".old-"))]
     want, got = adapter(tmp_path / "ref" / "adapter"), adapter(tmp_path / "run" / "adapter")
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     # The metrics of the killed-and-resumed run are those of the uninterrupted one, step for step.
