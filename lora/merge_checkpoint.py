@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from .adapter import PREFIX, WEIGHTS_NAME, read_adapter_config
-from .atomic import atomic_dir
+from .atomic import atomic_dir, clean_stale
 from .errors import LoRAError
 from .safetensors_stream import (
     INDEX_NAME, DTYPES, FLOAT_NAMES, DTYPE_ARG, TORCH_NAME, Entry, Shard, read_checkpoint,
@@ -505,6 +505,7 @@ def merge_checkpoint(base_dir, adapter_dirs, out_dir, weights=None, dtype=None, 
     if dtype is not None and dtype not in DTYPE_ARG:
         raise LoRAError(f"dtype {dtype!r} is not one of float32, float16, bfloat16")
     out_dt = DTYPE_ARG[dtype] if dtype is not None else None
+    clean_stale(out_dir)        # a killed merge's leftovers; puts back an out_dir it had set aside
     _check_paths(base_dir, adapter_dirs, out_dir, force)
 
     # Everything that can be wrong with the inputs is found here, before the first byte is written.

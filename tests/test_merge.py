@@ -264,6 +264,19 @@ def test_existing_out_needs_force_and_force_replaces(work, tmp_path):
     assert not (out / "old.txt").exists() and (out / "model.safetensors").is_file()
 
 
+def test_a_merge_killed_between_its_renames_leaves_out_to_force(work, tmp_path):
+    """A --force merge killed after moving the old out aside, before moving the new one in: the next
+    merge puts the old out back first, so it still needs --force to replace it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    out.rename(tmp_path / ".old-out.k1ll3d00")             # what the killed merge left
+    (tmp_path / ".tmp-out.k1ll3d01").mkdir()
+    with pytest.raises(LoRAError, match="already exists"):
+        merge_checkpoint(work["single"], work["single_adapter"], out, progress=False)
+    assert (out / "old.txt").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 def test_verify_catches_a_wrong_merge_and_writes_nothing(work, tmp_path, monkeypatch):
     import importlib
     mc = importlib.import_module("lora.merge_checkpoint")     # the module (lora.merge_checkpoint is the function)
