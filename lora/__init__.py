@@ -8,7 +8,7 @@ from .config import LLAMA_TARGETS, LoRAConfig
 from .errors import LoRAError
 from .inject import apply_lora, disable_adapter, lora_layers, merge_lora, trainable_parameters
 from .layer import LoRALinear
-from .merge_checkpoint import merge_checkpoint
+from .streaming_merge import merge_checkpoint
 
 __all__ = [
     "LoRAConfig", "LoRALinear", "LoRAError", "LLAMA_TARGETS", "apply_lora", "merge_lora",

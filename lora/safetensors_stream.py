@@ -3,7 +3,7 @@ length, a JSON header {name: {dtype, shape, data_offsets}, "__metadata__": {...}
 bytes. Headers are parsed by hand and checked against the file size (a truncated file is caught before
 any work), tensors are read with `pread` into caller buffers and copied file-to-file by the kernel, so
 nothing here maps a whole shard into memory (as `safetensors.safe_open` would, counting towards RSS).
-Used by lora/merge_checkpoint.py.
+Used by lora/streaming_merge.py.
 """
 from __future__ import annotations
 

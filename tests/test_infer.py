@@ -142,7 +142,7 @@ def test_sampling_flags_are_checked():
 
 
 def test_adapter_equals_merge_and_merged_checkpoint(dirs, adapted, tmp_path):
-    from lora.merge_checkpoint import merge_checkpoint
+    from lora.streaming_merge import merge_checkpoint
     model, tok = adapted
     prompts = ids(tok, PROMPTS)
     want = generate(model, prompts, 12, eos_token_id=()).tokens
@@ -212,7 +212,7 @@ def test_cli_single_prompt_streams_reply(dirs, adapted):
 def test_cli_prompt_file_with_merged_checkpoint(dirs, adapted, tmp_path):
     model, tok = adapted
     want, _ = complete(model, tok, PROMPTS, 6)
-    from lora.merge_checkpoint import merge_checkpoint
+    from lora.streaming_merge import merge_checkpoint
     merge_checkpoint(dirs / "base", dirs / "adapter", tmp_path / "merged", progress=False)
     (tmp_path / "p.txt").write_text("\n".join(PROMPTS) + "\n")
     r = _cli("--model", tmp_path / "merged", "--prompt-file", tmp_path / "p.txt", "--batch-size", 3,

@@ -32,3 +32,15 @@ def test_everything_imports_with_peft_blocked():
     r = subprocess.run([sys.executable, "-c", BLOCKER], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "lora.layer" in r.stdout and "lora.adapter" in r.stdout
+
+
+def test_no_package_attribute_hides_a_module():
+    """`import lora.X as m` must give the module X: no name exported by lora/__init__.py may be
+    spelled like one of its modules (merge_checkpoint the function once hid merge_checkpoint.py)."""
+    import importlib
+    import pkgutil
+
+    import lora
+    for m in pkgutil.iter_modules(lora.__path__):
+        module = importlib.import_module(f"lora.{m.name}")
+        assert getattr(lora, m.name) is module, m.name
