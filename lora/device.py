@@ -209,10 +209,22 @@ class HPUDevice(Device):
         return torch.nn.utils.get_total_norm([p.grad for p in params])
 
     def rng_state(self) -> dict:
-        return {"cpu": torch.get_rng_state()}    # the HPU generator's state is not checkpointed
+        """torch's CPU generator plus the HPU's, which graph-safe LoRA dropout draws from."""
+        return {"cpu": torch.get_rng_state(), "hpu": self._random().get_rng_state()}
 
     def set_rng_state(self, state: dict) -> None:
         torch.set_rng_state(state["cpu"])
+        if "hpu" in state:
+            self._random().set_rng_state(state["hpu"])
+
+    def manual_seed(self, seed: int) -> None:
+        torch.manual_seed(seed)
+        self._random().manual_seed(seed)
+
+    @staticmethod
+    def _random():
+        """habana_frameworks.torch.hpu.random: get_rng_state / set_rng_state / manual_seed."""
+        return _hpu_module("habana_frameworks.torch.hpu").random
 
     def synchronize(self) -> None:
         _hpu_module("habana_frameworks.torch.hpu").synchronize()

@@ -40,6 +40,9 @@ _backward = torch.Tensor.backward
 def backward(self, *args, **kwargs):
     out = _backward(self, *args, **kwargs)
     record("backward")
+    hpu_random = sys.modules.get("habana_frameworks.torch.hpu.random")
+    if hpu_random is not None:
+        hpu_random.advance()       # the device generator moves on, as graph dropout moves it on a Gaudi
     return out
 
 

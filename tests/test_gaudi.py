@@ -92,6 +92,34 @@ def test_eager_mode_training_compiles_and_never_marks_steps(setup):
     assert n.count("FusedAdamW.step") == 2 and "host_seed" not in n
 
 
+def test_resume_restores_the_hpu_generator(setup):
+    """The HPU generator (graph-safe LoRA dropout draws from it) is seeded, checkpointed and restored.
+    The fake's generator moves on at every backward, as dropout moves the real one."""
+    import hashlib
+    import shutil
+
+    import torch
+    args = train_args(setup, "rng", "--max-steps", "4", "--save-every", "2", "--lora-dropout", "0.1")
+    code, calls, err = drive(setup, "rng", "train", *args)
+    assert code == 0, err
+    # seeded like torch's generator: the adapter's init, then the dropout stream (seed + 1 + rank)
+    assert [c[1] for c in calls if c[0] == "hpu.random.manual_seed"] == [{"seed": 0}, {"seed": 1}]
+    saved = [c[1]["digest"] for c in calls if c[0] == "hpu.random.get_rng_state"]
+    assert len(saved) == 2 and saved[0] != saved[1]               # one per checkpoint, and it moved on
+    ckpt = setup / "rng" / "checkpoints"
+    blob = torch.load(ckpt / "step-2" / "trainer_state.pt", weights_only=True)
+    assert hashlib.sha256(blob["rng"][0]["hpu"].numpy().tobytes()).hexdigest()[:16] == saved[0]
+    # a run killed after step 2: resume sets the generator back to step 2's state, and from there it
+    # moves on exactly as in the run that was not interrupted
+    shutil.rmtree(ckpt / "step-4")
+    shutil.rmtree(setup / "rng" / "adapter")
+    code, calls, err = drive(setup, "rng", "train", *args, "--resume")
+    assert code == 0, err
+    restored = [c[1] for c in calls if c[0] == "hpu.random.set_rng_state"]
+    assert restored == [{"digest": saved[0], "dtype": "torch.uint8"}]
+    assert [c[1]["digest"] for c in calls if c[0] == "hpu.random.get_rng_state"] == saved[1:]
+
+
 def test_graphs_need_lazy_mode(setup):
     code, calls, err = drive(setup, "bad", "train", *train_args(setup, "bad", "--hpu-mode", "eager", "--hpu-graphs"))
     assert code == 2

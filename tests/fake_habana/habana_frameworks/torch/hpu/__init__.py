@@ -5,6 +5,8 @@ import torch
 
 from habana_frameworks import record
 
+from . import random  # noqa: E402,F401  (habana_frameworks.torch.hpu.random)
+
 
 def is_available() -> bool:
     record("hpu.is_available")
