@@ -85,7 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     rt.add_argument("--log-every", type=int, help=f"write metrics.jsonl every N steps ({default('log_every')})")
     rt.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept (default 2)")
     rt.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint "
-                    "(same arguments required)")
+                    "(same arguments and the same --data/--model contents required)")
     rt.add_argument("--force", action="store_true", help="overwrite a different run in --out")
     rt.add_argument("--no-progress", action="store_true", help="no progress bar")
     rt.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,

@@ -36,6 +36,7 @@ from .config import LoRAConfig
 from .data import IGNORE, TokenizedData, epoch_order, load_dataset, split_eval
 from .device import Device, resolve_device
 from .errors import LoRAError
+from .fingerprint import file_sha256, model_digest
 from .inject import apply_lora, lora_layers, trainable_parameters
 from .malloc import keep_freed_memory
 
@@ -95,6 +96,36 @@ class TrainConfig:
         return json.loads(json.dumps(d))
 
 
+# Digests of what the paths point to (lora/fingerprint.py), kept in run.json beside the arguments.
+_CONTENT_KEYS = {"data_sha256": "--data", "eval_data_sha256": "--eval-data", "model_digest": "--model"}
+
+
+def run_record(cfg: TrainConfig) -> dict:
+    """run.json: the fingerprint of the arguments plus digests of the data and the model they name."""
+    return {**cfg.fingerprint(), "data_sha256": file_sha256(cfg.data),
+            "eval_data_sha256": file_sha256(cfg.eval_data) if cfg.eval_data else None,
+            "model_digest": model_digest(cfg.model)}
+
+
+def _first_difference(old: dict, new: dict) -> str | None:
+    """The first key whose value differs. A digest is compared only when both sides have one: run.json
+    files from before the digests, or a path that is not there yet (the demo builds its base later)."""
+    for k in sorted(set(old) | set(new)):
+        if k in _CONTENT_KEYS and (old.get(k) is None or new.get(k) is None):
+            continue
+        if old.get(k) != new.get(k):
+            return k
+    return None
+
+
+def _changed_input(key: str, old: dict, new: dict, cfg: TrainConfig) -> str:
+    """'--data PATH changed since ... (digest A then, B now)' for a digest key."""
+    flag = _CONTENT_KEYS[key]
+    path = {"--data": cfg.data, "--eval-data": cfg.eval_data, "--model": cfg.model}[flag]
+    what = "" if flag != "--model" else " (weights, config or tokenizer)"
+    return f"{flag} {path}{what} changed since the run in {cfg.out} began (digest {old[key][:12]} then, {new[key][:12]} now)"
+
+
 @dataclass
 class TrainResult:
     model: torch.nn.Module
@@ -124,23 +155,30 @@ def read_model_config(model_dir: str) -> dict:
     return config
 
 
-def check_out_dir(cfg: TrainConfig) -> str:
-    """'fresh', 'restart' (same run, or --force) or 'resume'; an error if `out` holds another run."""
+def check_out_dir(cfg: TrainConfig, record: dict | None = None) -> str:
+    """'fresh', 'restart' (same run, or --force) or 'resume'; an error if `out` holds another run, or
+    the same arguments over data or a model whose contents changed. `record`: run_record(cfg)."""
     out = Path(cfg.out)
     run_file = out / RUN_FILE
-    new = cfg.fingerprint()
     if run_file.is_file():
+        new = record or run_record(cfg)
         try:
             old = json.loads(run_file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             old = {}
-        diff = next((k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)), None)
+        diff = _first_difference(old, new)
+        if diff is None:
+            return "resume" if cfg.resume else "restart"
+        if diff in _CONTENT_KEYS:
+            if cfg.force and not cfg.resume:
+                return "restart"
+            raise LoRAError(f"{'--resume: ' if cfg.resume else ''}{_changed_input(diff, old, new, cfg)}; "
+                            + ("resume over the same files, or start over with --force" if cfg.resume else
+                               "pass --force to start over, or choose another --out"))
         if cfg.resume:
-            if diff is not None:
-                raise LoRAError(f"--resume: {out} holds a run with different arguments ({diff}: "
-                                f"{old.get(diff)!r} there, {new.get(diff)!r} now); resume with the same arguments")
-            return "resume"
-        if diff is None or cfg.force:
+            raise LoRAError(f"--resume: {out} holds a run with different arguments ({diff}: "
+                            f"{old.get(diff)!r} there, {new.get(diff)!r} now); resume with the same arguments")
+        if cfg.force:
             return "restart"
         raise LoRAError(f"{out} holds a different run ({diff}: {old.get(diff)!r} there, {new.get(diff)!r} now); "
                         "pass --resume to continue it, --force to overwrite it, or choose another --out")
@@ -404,7 +442,8 @@ def train(cfg: TrainConfig, out_mode: str | None = None) -> TrainResult:
                         f"(max_position_embeddings = {limit})")
     device = resolve_device(cfg.device, local_rank, cfg.hpu_mode, cfg.hpu_graphs)
     dtype = device.resolve_dtype(cfg.dtype)
-    mode = out_mode or check_out_dir(cfg)
+    record = run_record(cfg)
+    mode = out_mode or check_out_dir(cfg, record)
     tokenizer = load_tokenizer(cfg.model)
     data, eval_data = prepare_data(cfg, tokenizer)
     global_batch = cfg.batch_size * cfg.grad_accum * world
@@ -426,7 +465,7 @@ def train(cfg: TrainConfig, out_mode: str | None = None) -> TrainResult:
                 shutil.rmtree(out / name, ignore_errors=True)
             for name in ("metrics.jsonl", "eval.json"):
                 (out / name).unlink(missing_ok=True)
-        atomic_write_text(out / RUN_FILE, json.dumps(cfg.fingerprint(), indent=2, sort_keys=True) + "\n")
+        atomic_write_text(out / RUN_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
         (out / "checkpoints").mkdir(exist_ok=True)
         clean_stale_in(out)                          # what a killed run's writes left (lora/atomic.py)
         clean_stale_in(out / "checkpoints")

@@ -291,6 +291,47 @@ def test_out_dir_holding_another_run(tiny, tmp_path, capsys):
         check_out_dir(tiny_config(tiny, tmp_path / "other"))
 
 
+def test_resume_refuses_data_or_a_model_that_changed(tiny, tmp_path, capsys):
+    """run.json keeps digests of the files behind --data and --model (lora/fingerprint.py): the same
+    arguments over other contents are another run."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    data, model, out = tmp_path / "train.jsonl", tmp_path / "base", tmp_path / "run"
+    shutil.copy(tiny / "train.jsonl", data)
+    shutil.copytree(tiny / "base", model)
+    args = lambda *extra: ["--model", str(model), "--data", str(data), "--out", str(out), "--max-seq-len", "12",
+                           "--batch-size", "8", "--max-steps", "2", "--no-progress", *extra]
+    assert train_cli.main(args()) == 0
+    record = json.loads((out / "run.json").read_text())
+    assert len(record["data_sha256"]) == 64 and len(record["model_digest"]) == 64
+    assert train_cli.main(args("--resume")) == 0                         # nothing changed: resumes
+    capsys.readouterr()
+    rows = data.read_text().splitlines()
+    data.write_text("\n".join(rows[1:] + rows[:1]) + "\n")              # same examples, another order
+    assert train_cli.main(args("--resume")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --resume: --data {data} changed since the run in {out} began (digest ")
+    assert err.count("\n") == 1
+    assert train_cli.main(args()) == 2 and "pass --force to start over" in capsys.readouterr().err
+    data.write_text("\n".join(rows) + "\n")
+    # one weight scaled in the model's file: another model
+    (weights,) = model.glob("*.safetensors")
+    tensors = load_file(str(weights))
+    name = next(k for k in tensors if k.endswith("down_proj.weight"))
+    tensors[name] = tensors[name] * 1.5
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    assert train_cli.main(args("--resume")) == 2
+    assert f"--model {model} (weights, config or tokenizer) changed since" in capsys.readouterr().err
+    assert train_cli.main(args("--force")) == 0                         # start over on the new model
+    # a run.json from before the digests: the arguments alone decide
+    for k in ("data_sha256", "eval_data_sha256", "model_digest"):
+        record.pop(k)
+    (out / "run.json").write_text(json.dumps(record))
+    assert check_out_dir(tiny_config(tiny, out, model=str(model), data=str(data), max_steps=2, lr=2e-4,
+                                     batch_size=8, log_every=10, resume=True)) == "resume"
+
+
 def test_cli_flags_build_the_config():
     cfg, demo = train_cli.build_config(train_cli.parse_args([]))
     assert demo and (cfg.lr, cfg.max_steps, cfg.lora.r, cfg.lora.lora_alpha) == (5e-3, 60, 16, 32)
