@@ -56,3 +56,14 @@ def test_tensor_peak_counts_what_a_run_holds_at_once():
     keep = torch.empty(4 * 2**20, dtype=torch.uint8)
     assert bench_train.live_tensor_mb() >= 4
     del keep
+
+
+def test_profile_train_lists_ops_of_both_providers(tmp_path):
+    cmd = [sys.executable, str(ROOT / "bench" / "profile_train.py"), "--layers", "1", "--batch", "1", "--seq", "16",
+           "--rounds", "1", "--top", "200", "--dropout", "0.1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [line.split(" | ") for line in r.stdout.splitlines() if line.startswith("| aten::")]
+    ops = {row[0][2:]: row for row in rows}
+    assert float(ops["aten::addmm_"][1]) == 0 < float(ops["aten::addmm_"][2])    # only ours accumulates
+    assert "floor: " in r.stdout and "ours: " in r.stdout and "minor page faults per step" in r.stdout
