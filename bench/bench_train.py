@@ -333,7 +333,7 @@ def main(argv=None):
     print(f"\nwrote {out}")
 
 
-PEAK_TFLOPS = {"bf16": 989.0, "fp32": 494.0}   # H100 SXM dense tensor-core peaks (fp32 = TF32)
+PEAK_TFLOPS = {"bf16": 989.0, "fp32": 494.0}   # H100/H200 SXM dense tensor-core peaks (fp32 = TF32)
 
 
 def table(result) -> str:
@@ -345,10 +345,16 @@ def table(result) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda v, fmt: "–" if v is None else format(v, fmt)
     fci = lambda v, c: f(v, ".3f") + (f" ({c[0]:.3f}–{c[1]:.3f})" if c else "")
+    mfu = any("mfu" in r for r in result["results"])       # on a GPU
+    if mfu:
+        lines[0] += f" · MFU: 4 × base GEMM parameters × tokens per step ÷ {PEAK_TFLOPS[c['dtype']]:.0f} TFLOP/s"
+        lines[-2] += " MFU |"
+        lines[-1] += "---|"
     for r in result["results"]:
         lines.append(f"| {r['provider']} | {r['step_s']:.3f} | {r['min_step_s']:.3f} | {r['tokens_per_s']:.0f} | {fci(r['ratio_to_floor'], r.get('ratio_to_floor_ci95'))} | "
                      f"{fci(r['speedup_vs_peft'], r.get('speedup_vs_peft_ci95'))} | {f(r.get('tensor_peak_mb'), '.0f')} | "
-                     f"{f(r.get('tensor_peak_vs_peft'), '.2f')} | {f(r.get('peak_mb'), '.0f')} | {f(r.get('peak_vs_peft'), '.2f')} |")
+                     f"{f(r.get('tensor_peak_vs_peft'), '.2f')} | {f(r.get('peak_mb'), '.0f')} | {f(r.get('peak_vs_peft'), '.2f')} |"
+                     + (f" {f(r.get('mfu'), '.1%')} |" if mfu else ""))
     return "\n".join(lines)
 
 

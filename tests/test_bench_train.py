@@ -67,3 +67,17 @@ def test_profile_train_lists_ops_of_both_providers(tmp_path):
     ops = {row[0][2:]: row for row in rows}
     assert float(ops["aten::addmm_"][1]) == 0 < float(ops["aten::addmm_"][2])    # only ours accumulates
     assert "floor: " in r.stdout and "ours: " in r.stdout and "minor page faults per step" in r.stdout
+
+
+def test_table_shows_mfu_on_a_gpu():
+    rows = [dict(provider=n, step_s=t, min_step_s=t, tokens_per_s=1024 / t, ratio_to_floor=t / 0.1,
+                 speedup_vs_peft=0.12 / t, mfu=m) for n, t, m in (("floor", 0.1, 0.41), ("peft", 0.12, 0.342),
+                                                                   ("ours", 0.105, 0.39))]
+    config = dict(preset="llama-1b", layers=None, batch=4, seq=256, r=16, dropout=0.0, dtype="bf16", steps=10)
+    text = bench_train.table(dict(device="NVIDIA H100 80GB HBM3", config=config, results=rows))
+    lines = text.splitlines()
+    assert "÷ 989 TFLOP/s" in lines[0] and lines[2].endswith("| MFU |") and lines[3].count("---") == 11
+    assert lines[-1].startswith("| ours |") and lines[-1].endswith("| 39.0% |")
+    cpu = bench_train.table(dict(device="cpu", config=dict(config, dtype="fp32"),
+                                 results=[{k: v for k, v in r.items() if k != "mfu"} for r in rows]))
+    assert "MFU" not in cpu
