@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -50,9 +51,10 @@ def _open_locked(path: Path) -> int:
     return fd
 
 
-def _tmp_dir(target: Path, prefix: str) -> tuple[Path, int]:
+def _tmp_dir(target: Path) -> tuple[Path, int]:
+    """A new `.tmp-` directory beside `target`, and the fd that holds its lock."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    path = Path(tempfile.mkdtemp(prefix=f"{prefix}{target.name}.", dir=target.parent))
+    path = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{target.name}.", dir=target.parent))
     return path, _open_locked(path)
 
 
@@ -90,8 +92,7 @@ def clean_stale(target: str | os.PathLike) -> None:
     target = Path(target)
     if not target.parent.is_dir():
         return
-    # `-` separated the random part before the `.old-` entries and the locks existed
-    for prefix in (OLD_PREFIX, TMP_PREFIX):
+    for prefix in (OLD_PREFIX, TMP_PREFIX):     # `.tmp-<name>-<random>`: named so before the locks; stale
         for p in sorted(target.parent.glob(f"{prefix}{target.name}*")):
             if not _is_ours(p, prefix, target.name):
                 continue
@@ -135,7 +136,7 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = True):
     clean_stale(target)
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} already exists")
-    tmp, tmp_fd = _tmp_dir(target, TMP_PREFIX)
+    tmp, tmp_fd = _tmp_dir(target)
     old, old_fd = None, None
     try:
         yield tmp
@@ -145,9 +146,7 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = True):
                     os.fsync(fh.fileno())
         if target.exists():
             old_fd = _open_locked(target)          # the lock moves aside with it
-            old, spare_fd = _tmp_dir(target, OLD_PREFIX)
-            _close(spare_fd)
-            old.rmdir()
+            old = target.parent / f"{OLD_PREFIX}{target.name}.{secrets.token_hex(4)}"
             os.replace(target, old)
         os.replace(tmp, target)
     except BaseException:

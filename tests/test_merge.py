@@ -278,8 +278,7 @@ def test_a_merge_killed_between_its_renames_leaves_out_to_force(work, tmp_path):
 
 
 def test_verify_catches_a_wrong_merge_and_writes_nothing(work, tmp_path, monkeypatch):
-    import importlib
-    mc = importlib.import_module("lora.streaming_merge")
+    import lora.streaming_merge as mc
     right = mc.merged_weight
     monkeypatch.setattr(mc, "merged_weight",                   # a merge with a 1% scaling error
                         lambda W, terms, *args: right(W, [mc._Term(u.lora_A, u.lora_B, u.scaling * 1.01, u.weight)
