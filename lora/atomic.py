@@ -30,7 +30,7 @@ except ImportError:             # not POSIX: no locks, so no temporary is ever j
 
 TMP_PREFIX = ".tmp-"
 OLD_PREFIX = ".old-"
-_RANDOM = r"[a-z0-9_]{8}"       # tempfile's random part
+_RANDOM = r"[a-z0-9_]{8}"       # tempfile's random part (.tmp-), or 8 hex digits (.old-)
 
 
 def _lock(fd: int) -> bool:
