@@ -4,7 +4,7 @@
     python infer.py --model DIR --adapter DIR --prompt-file prompts.txt      # one reply per line
     python infer.py                                                          # the demo run (runs/demo)
 
-The work is in lora/inference.py (loading, prompts, batches) and lora/generate.py (the KV-cache loop).
+The work is in lora/inference/complete.py (loading, prompts, batches) and lora/inference/generate.py (the KV-cache loop).
 """
 from __future__ import annotations
 
@@ -97,8 +97,8 @@ def read_prompts(path: str) -> list[str]:
 
 def run(args) -> None:
     from lora import LoRAError
-    from lora.generate import Sampling
-    from lora.inference import TextStream, complete, load_model, resolve_inference_device
+    from lora.inference.generate import Sampling
+    from lora.inference.complete import TextStream, complete, load_model, resolve_inference_device
 
     if args.jsonl and args.prompt_file is None:
         raise LoRAError("--jsonl applies to --prompt-file output only")
@@ -116,7 +116,7 @@ def run(args) -> None:
         if args.prompt is None and args.prompt_file is None:
             if args.chat_template or args.format != "plain":
                 raise LoRAError("the demo's prompts are plain text: --chat-template/--format need --prompt or --prompt-file")
-            from lora.infer_demo import run_demo
+            from lora.demo.infer_demo import run_demo
             return run_demo(DEMO_DIR, args, sampling)
         args.model, args.adapter = str(DEMO_DIR / "base"), str(DEMO_DIR / "adapter")
     if args.max_new_tokens is None:
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     args.bucket_given = any(a == "--bucket" or a.startswith("--bucket=") for a in (sys.argv[1:] if argv is None else argv))
     if args.device in ("auto", "hpu"):
         # Before anything (transformers included) can import habana_frameworks.
-        from lora.device import set_hpu_mode
+        from lora.runtime.device import set_hpu_mode
         set_hpu_mode(args.hpu_mode)
     from transformers.utils import logging as hf_logging
 

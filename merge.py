@@ -4,7 +4,7 @@
     python merge.py --adapter A --adapter B --weights 0.7 0.3 --out DIR     # weighted sum of adapters
     python merge.py                                                          # the demo run (runs/demo)
 
-The work is in lora/streaming_merge.py (`lora.merge_checkpoint`).
+The work is in lora/merging/streaming.py (`lora.merge_checkpoint`).
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from lora import LoRAError
-    from lora.streaming_merge import VerifyError, merge_checkpoint
+    from lora.merging.streaming import VerifyError, merge_checkpoint
 
     adapters = args.adapter or [f"{DEMO}/adapter"]
     try:

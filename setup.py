@@ -1,4 +1,4 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 # `kernels/` lives at the repository root but installs as `lora.kernels`, so no top-level `kernels`
 # module is installed (that name belongs to an unrelated PyPI package).
@@ -6,7 +6,7 @@ setup(
     name="lora-kernels-llama",
     version="0.1.0",
     description="A from-scratch LoRA library for Llama models with fused Triton kernels",
-    packages=["lora", "lora.kernels"],
+    packages=find_packages(include=["lora", "lora.*"]) + ["lora.kernels"],
     package_dir={"lora": "lora", "lora.kernels": "kernels"},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "transformers>=4.45", "safetensors>=0.4", "numpy", "tokenizers"],

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train a LoRA adapter on a local Llama checkpoint: a thin command line over `lora.trainer`.
+"""Train a LoRA adapter on a local Llama checkpoint: a thin command line over `lora.training.trainer`.
 
     python train.py                                   # the demo: build a tiny base, learn a task
     python train.py --model DIR --data FILE [...]     # real models and data
@@ -15,7 +15,7 @@ GENERAL_DEFAULTS = dict(max_seq_len=512, batch_size=4, lr=2e-4, max_steps=None, 
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from lora.demo import DEMO_DEFAULTS
+    from lora.demo.task import DEMO_DEFAULTS
 
     def default(name: str) -> str:
         g, d = GENERAL_DEFAULTS[name], DEMO_DEFAULTS.get(name, GENERAL_DEFAULTS[name])
@@ -99,8 +99,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def build_config(args: argparse.Namespace):
     """(TrainConfig, demo?) from the parsed flags; a flag given wins over the (demo) default."""
     from lora import LoRAConfig, LoRAError
-    from lora.demo import DEMO_DEFAULTS
-    from lora.trainer import TrainConfig
+    from lora.demo.task import DEMO_DEFAULTS
+    from lora.training.trainer import TrainConfig
 
     demo = args.model is None and args.data is None
     if not demo and (args.model is None or args.data is None):
@@ -161,16 +161,16 @@ def main(argv=None) -> int:
     if args.device in ("auto", "hpu"):
         # Before anything (transformers included) can import habana_frameworks: the lazy/eager
         # default changed between Gaudi releases, so the mode is always set explicitly.
-        from lora.device import set_hpu_mode
+        from lora.runtime.device import set_hpu_mode
         set_hpu_mode(args.hpu_mode)
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()          # our own bar is the one that matters
     from lora import LoRAError
-    from lora.trainer import TrainingDiverged, train
+    from lora.training.trainer import TrainingDiverged, train
     try:
         cfg, demo = build_config(args)
         if demo:
-            from lora.demo import run_demo
+            from lora.demo.task import run_demo
             run_demo(cfg)
         else:
             result = train(cfg)

@@ -1,7 +1,7 @@
 """Generation speed: a LoRA adapter unmerged vs merged, beside the base model (the floor) and beside
 transformers' own `generate`, all greedy on the same random Llama, same prompts, same token count.
 
-  floor    base model without adapter, our loop (lora/generate.py): the least adapter inference can cost
+  floor    base model without adapter, our loop (lora/inference/generate.py): the least adapter inference can cost
   merged   adapter folded into the weights (lora.merge_lora), our loop: should match the floor
   adapter  adapter kept as LoRALinear layers (x Aᵀ Bᵀ on every projection, every step), our loop
   hf       transformers' model.generate(do_sample=False) on the merged model: the loop's own overhead
@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lora import LoRAConfig, apply_lora, merge_lora  # noqa: E402
-from lora.generate import generate, left_pad  # noqa: E402
+from lora.inference.generate import generate, left_pad  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

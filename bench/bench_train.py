@@ -37,7 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import lora  # noqa: E402
-from lora.malloc import keep_freed_memory  # noqa: E402
+from lora.runtime.malloc import keep_freed_memory  # noqa: E402
 PRESETS = {
     # the issue's CPU config
     "cpu-6x1024": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=6, num_attention_heads=16,
@@ -68,7 +68,7 @@ def parse_args(argv=None):
     p.add_argument("--providers", default=",".join(PROVIDERS), help="comma list of floor,peft,ours,ours-ungrouped,ours-saved-input")
     p.add_argument("--no-memory", action="store_true", help="skip the per-provider peak-memory subprocesses")
     p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
-                   help="CPU: glibc keeps freed memory in the process (lora.malloc, as train.py does) for every "
+                   help="CPU: glibc keeps freed memory in the process (lora.runtime.malloc, as train.py does) for every "
                         "provider; --no-keep-freed-memory measures glibc's defaults (default: keep)")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/train-<device>[-dropout].json)")
     p.add_argument("--_memory-child", dest="memory_child", default=None, help=argparse.SUPPRESS)
@@ -107,7 +107,7 @@ def make_provider(name, base, args):
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.01)
-    return model, torch.optim.AdamW(params, lr=1e-4, fused=True)     # as train.py's (lora/device.py)
+    return model, torch.optim.AdamW(params, lr=1e-4, fused=True)     # as train.py's (lora/runtime/device.py)
 
 
 def make_batch(base, args):
@@ -213,7 +213,7 @@ def live_tensor_mb() -> float:
 def tensor_peak_rise_mb(run) -> float:
     """How far the bytes held by CPU tensors rise above their level at the start while `run()` runs:
     every allocation and free that torch's allocator reports to the profiler, summed in time order.
-    Deterministic, unlike RSS, which also counts what the C allocator keeps (lora.malloc) or fragments."""
+    Deterministic, unlike RSS, which also counts what the C allocator keeps (lora.runtime.malloc) or fragments."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -323,7 +323,7 @@ def main(argv=None):
             r["step_mem_vs_peft"] = r["step_mb"] / peft_mem["step_mb"] if peft_mem else None
             r["tensor_peak_vs_peft"] = r["tensor_peak_mb"] / peft_mem["tensor_peak_mb"] if peft_mem else None
     result = dict(device=device_name, config=dict(vars(args), memory_child=None), tokens_per_step=tokens,
-                  malloc="glibc, freed memory kept (lora.malloc)" if kept else "default",
+                  malloc="glibc, freed memory kept (lora.runtime.malloc)" if kept else "default",
                   torch=torch.__version__, results=rows)
     tag = "cpu" if args.device == "cpu" else torch.cuda.get_device_name().replace(" ", "-")
     out = Path(args.out or ROOT / "bench" / "results" / f"train-{tag}{'-dropout' if args.dropout else ''}.json")

@@ -25,7 +25,7 @@ import bench_train  # noqa: E402
 
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from lora.malloc import keep_freed_memory  # noqa: E402
+from lora.runtime.malloc import keep_freed_memory  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -38,7 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=4, help="sequences per step (default 4)")
     p.add_argument("--seq", type=int, default=256, help="tokens per sequence (default 256)")
     p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (default 0)")
-    p.add_argument("--no-keep-freed-memory", action="store_true", help="glibc's defaults instead of lora.malloc")
+    p.add_argument("--no-keep-freed-memory", action="store_true", help="glibc's defaults instead of lora.runtime.malloc")
     args = p.parse_args(argv)
     names = args.providers.split(",")
     if len(names) != 2:

@@ -8,7 +8,7 @@ imported (how CI tests it). See docs/kernels.md for the design.
 
 This package imports without error even when triton is missing (and even as a bare top-level
 `kernels`, which transformers probes for): `AVAILABLE` says whether the kernels are usable, and
-`lora.backend` reads it. No `__version__` here, so transformers never mistakes it for the PyPI
+`lora.core.backend` reads it. No `__version__` here, so transformers never mistakes it for the PyPI
 `kernels` package.
 """
 try:

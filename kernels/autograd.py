@@ -10,15 +10,15 @@ Backward, W and b frozen, three launches:
     dA = dSᵀ dropout(x)                  (grad_a.py)
 Saved for backward: x, S (M × r) and the dropout seed; W, A, B are parameters, saved by reference.
 The mask is regenerated, never stored. When x is a product whose factors the base's backward keeps
-anyway (RMSNorm's output, act(g) ⊙ u: lora/recompute.py), x is not saved but multiplied again in
+anyway (RMSNorm's output, act(g) ⊙ u: lora/core/recompute.py), x is not saved but multiplied again in
 backward, as on the plain path.
 """
 from __future__ import annotations
 
 import torch
 
-from lora.functional import input_recipe    # absolute: this package may be imported as `kernels`
-from lora.recompute import recompute
+from lora.core.functional import input_recipe    # absolute: this package may be imported as `kernels`
+from lora.core.recompute import recompute
 from . import launch
 from .dropout import new_seed
 from .dy_pass import dy_pass
@@ -91,7 +91,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     All of x, weight, lora_A, lora_B in one dtype (fp32, bf16 or fp16); accumulation in fp32.
     `seed` fixes the dropout mask (drawn from torch's generator when None and dropout_p > 0).
     `recompute_input`: multiply x again in backward instead of saving it, when autograd keeps its
-    factors anyway (lora/recompute.py)."""
+    factors anyway (lora/core/recompute.py)."""
     _check(x, weight, bias, lora_A, lora_B, dropout_p)
     if x.numel() == 0:       # no rows: nothing to launch; keep autograd's graph through x and A, B
         return x @ weight.t() + (x @ lora_A.t()) @ lora_B.t() + (bias if bias is not None else 0)

@@ -2,13 +2,13 @@
 
     y = x Wᵀ + b + scaling · (dropout(x) Aᵀ) Bᵀ,   scaling = lora_alpha / r
 """
-from .adapter import load_adapter, save_adapter
-from .backend import get_backend, get_recompute_inputs, set_backend, set_recompute_inputs
-from .config import LLAMA_TARGETS, LoRAConfig
+from .storage.adapter import load_adapter, save_adapter
+from .core.backend import get_backend, get_recompute_inputs, set_backend, set_recompute_inputs
+from .core.config import LLAMA_TARGETS, LoRAConfig
 from .errors import LoRAError
-from .inject import apply_lora, disable_adapter, lora_layers, merge_lora, trainable_parameters
-from .layer import LoRALinear
-from .streaming_merge import merge_checkpoint
+from .core.inject import apply_lora, disable_adapter, lora_layers, merge_lora, trainable_parameters
+from .core.layer import LoRALinear
+from .merging.streaming import merge_checkpoint
 
 __all__ = [
     "LoRAConfig", "LoRALinear", "LoRAError", "LLAMA_TARGETS", "apply_lora", "merge_lora",

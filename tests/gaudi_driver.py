@@ -2,7 +2,7 @@
 
     python tests/gaudi_driver.py OUT.json train|infer [script args...]
 
-The fake is put on sys.path, lora.device's HPU torch.device is pointed at the CPU (the only
+The fake is put on sys.path, lora.runtime.device's HPU torch.device is pointed at the CPU (the only
 mapping the fake needs), and a few torch entry points are wrapped so that the fake's ordered call log
 also shows backward passes, torch.compile and autocast. The log is written to OUT.json, with the
 script's exit code.
@@ -18,11 +18,11 @@ sys.path.insert(0, str(HERE.parent))
 
 import torch  # noqa: E402
 
-import lora.device  # noqa: E402  (imports no habana module)
-import lora.functional  # noqa: E402
-import lora.group  # noqa: E402
+import lora.runtime.device  # noqa: E402  (imports no habana module)
+import lora.core.functional  # noqa: E402
+import lora.core.group  # noqa: E402
 
-lora.device.HPU_TORCH_DEVICE = torch.device("cpu")
+lora.runtime.device.HPU_TORCH_DEVICE = torch.device("cpu")
 
 
 def record(name, **details):
@@ -66,7 +66,7 @@ class autocast(_autocast):
 
 
 torch.autocast = autocast
-_new_seed = lora.functional.new_seed
+_new_seed = lora.core.functional.new_seed
 
 
 def new_seed():
@@ -74,7 +74,7 @@ def new_seed():
     return _new_seed()
 
 
-lora.functional.new_seed = lora.group.new_seed = new_seed
+lora.core.functional.new_seed = lora.core.group.new_seed = new_seed
 
 
 def main():

@@ -1,4 +1,4 @@
-"""lora/atomic.py: a write interrupted anywhere leaves the old target or the new one, and cleaning up
+"""lora/storage/atomic.py: a write interrupted anywhere leaves the old target or the new one, and cleaning up
 never touches a write that is still running."""
 import os
 import signal
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lora.atomic import atomic_dir, atomic_write_text, clean_stale, clean_stale_in
+from lora.storage.atomic import atomic_dir, atomic_write_text, clean_stale, clean_stale_in
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,7 +83,7 @@ def test_sigkill_between_the_two_renames_restores_the_old_target(tmp_path):
     proc = run_writer("""
         import os, sys
         from pathlib import Path
-        from lora.atomic import atomic_dir
+        from lora.storage.atomic import atomic_dir
         real = os.replace
         def replace(src, dst):
             real(src, dst)
@@ -109,7 +109,7 @@ def test_cleaning_never_touches_a_running_writer(tmp_path):
     proc = run_writer("""
         import sys, time
         from pathlib import Path
-        from lora.atomic import atomic_dir
+        from lora.storage.atomic import atomic_dir
         target, ready, go = map(Path, sys.argv[1:])
         with atomic_dir(target) as tmp:
             (tmp / "f.txt").write_text("first")
@@ -139,7 +139,7 @@ def test_cleaning_never_touches_a_running_writer(tmp_path):
     proc = run_writer("""
         import sys, time
         from pathlib import Path
-        from lora.atomic import atomic_dir
+        from lora.storage.atomic import atomic_dir
         with atomic_dir(sys.argv[1]) as tmp:
             (tmp / "f.txt").write_text("third")
             Path(sys.argv[2]).touch()

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from lora import LoRAError
-from lora.data import (ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, IGNORE, epoch_order, load_dataset,
+from lora.training.data import (ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, IGNORE, epoch_order, load_dataset,
                        pack_examples, pad_examples, read_records, split_eval, tokenize_segments)
-from lora.tokenizer import build_char_tokenizer, char_vocab
+from lora.demo.tokenizer import build_char_tokenizer, char_vocab
 
 BOS, EOS, PAD = 1, 2, 0
 M = IGNORE

@@ -1,4 +1,4 @@
-"""lora/fingerprint.py: the digests in run.json that let --resume notice changed inputs."""
+"""lora/training/fingerprint.py: the digests in run.json that let --resume notice changed inputs."""
 import hashlib
 import os
 import shutil
@@ -6,7 +6,7 @@ import shutil
 import torch
 from safetensors.torch import save_file
 
-from lora.fingerprint import SAMPLE_BYTES, SAMPLES, file_sha256, model_digest
+from lora.training.fingerprint import SAMPLE_BYTES, SAMPLES, file_sha256, model_digest
 
 
 def write_model(d, tensors, config='{"hidden_size": 512}'):

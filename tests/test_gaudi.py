@@ -18,7 +18,7 @@ DRIVER = ROOT / "tests" / "gaudi_driver.py"
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gaudi")
-    from lora.demo import build_demo_base
+    from lora.demo.task import build_demo_base
     build_demo_base(tmp / "base", num_hidden_layers=1, hidden_size=32, intermediate_size=64,
                     num_attention_heads=4, num_key_value_heads=2)
     with open(tmp / "train.jsonl", "w") as f:

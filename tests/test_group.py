@@ -7,8 +7,8 @@ import torch.nn as nn
 
 import lora
 from lora import LoRAConfig, LoRALinear
-from lora.functional import dropout_scale
-from lora.group import GroupedLoRAFunction, SharedInputGroup
+from lora.core.functional import dropout_scale
+from lora.core.group import GroupedLoRAFunction, SharedInputGroup
 from test_inject import randomize_B
 
 

@@ -12,9 +12,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from lora import LoRAConfig, LoRAError, apply_lora, save_adapter
-from lora.generate import Sampling, filter_logits, generate, left_pad, position_ids_from_mask
-from lora.inference import TextStream, complete, encode, format_prompt, load_model
-from lora.tokenizer import save_char_tokenizer
+from lora.inference.generate import Sampling, filter_logits, generate, left_pad, position_ids_from_mask
+from lora.inference.complete import TextStream, complete, encode, format_prompt, load_model
+from lora.demo.tokenizer import save_char_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -142,7 +142,7 @@ def test_sampling_flags_are_checked():
 
 
 def test_adapter_equals_merge_and_merged_checkpoint(dirs, adapted, tmp_path):
-    from lora.streaming_merge import merge_checkpoint
+    from lora.merging.streaming import merge_checkpoint
     model, tok = adapted
     prompts = ids(tok, PROMPTS)
     want = generate(model, prompts, 12, eos_token_id=()).tokens
@@ -212,7 +212,7 @@ def test_cli_single_prompt_streams_reply(dirs, adapted):
 def test_cli_prompt_file_with_merged_checkpoint(dirs, adapted, tmp_path):
     model, tok = adapted
     want, _ = complete(model, tok, PROMPTS, 6)
-    from lora.streaming_merge import merge_checkpoint
+    from lora.merging.streaming import merge_checkpoint
     merge_checkpoint(dirs / "base", dirs / "adapter", tmp_path / "merged", progress=False)
     (tmp_path / "p.txt").write_text("\n".join(PROMPTS) + "\n")
     r = _cli("--model", tmp_path / "merged", "--prompt-file", tmp_path / "p.txt", "--batch-size", 3,
@@ -255,7 +255,7 @@ def test_cli_bad_input_is_one_line_error(dirs, tmp_path, capsys, case, needle):
 
 
 def test_no_arguments_runs_the_demo(dirs, tmp_path, monkeypatch, capsys):
-    from lora.demo import heldout_examples
+    from lora.demo.task import heldout_examples
     (tmp_path / "runs" / "demo").mkdir(parents=True)
     for name, src in (("base", "base"), ("adapter", "adapter")):
         (tmp_path / "runs" / "demo" / name).symlink_to(dirs / src)

@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 from lora import LoRALinear
-from lora.functional import LoRALinearFunction, dropout_scale, dropped_positions
+from lora.core.functional import LoRALinearFunction, dropout_scale, dropped_positions
 
 
 def make_layer(inp=45, out=29, r=5, alpha=7.0, bias=True, dtype=torch.float32, dropout=0.0, init=False):

@@ -1,4 +1,4 @@
-"""lora.malloc: glibc keeps freed memory, so memory freed and allocated again costs no page faults."""
+"""lora.runtime.malloc: glibc keeps freed memory, so memory freed and allocated again costs no page faults."""
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHILD = """
 import resource, sys
 import torch
-from lora.malloc import keep_freed_memory
+from lora.runtime.malloc import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory() and keep_freed_memory()       # idempotent
 faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import lora
 from lora import LoRAConfig, LoRAError
-from lora.streaming_merge import VerifyError, merge_checkpoint
+from lora.merging.streaming import VerifyError, merge_checkpoint
 from conftest import tiny_llama_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -231,7 +231,7 @@ def test_dtype_converts_every_float_tensor_and_config(work, tmp_path):
 # -- crash safety, overwrite, verify ------------------------------------------------------------
 def test_sigkill_mid_merge_leaves_no_out_and_next_run_cleans_up(work, tmp_path):
     out, ready = tmp_path / "out", tmp_path / "ready"
-    code = ("import sys; from lora.streaming_merge import merge_checkpoint; "
+    code = ("import sys; from lora.merging.streaming import merge_checkpoint; "
             "merge_checkpoint(sys.argv[1], sys.argv[2], sys.argv[3], progress=False)")
     env = dict(os.environ, LORA_MERGE_TEST_HOLD=str(ready))
     proc = subprocess.Popen([sys.executable, "-c", code, str(work["sharded"]), str(work["sharded_adapter"]), str(out)],
@@ -278,7 +278,7 @@ def test_a_merge_killed_between_its_renames_leaves_out_to_force(work, tmp_path):
 
 
 def test_verify_catches_a_wrong_merge_and_writes_nothing(work, tmp_path, monkeypatch):
-    import lora.streaming_merge as mc
+    import lora.merging.streaming as mc
     right = mc.merged_weight
     monkeypatch.setattr(mc, "merged_weight",                   # a merge with a 1% scaling error
                         lambda W, terms, *args: right(W, [mc._Term(u.lora_A, u.lora_B, u.scaling * 1.01, u.weight)

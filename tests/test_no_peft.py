@@ -31,7 +31,7 @@ assert not any(k.split('.')[0] in ('peft', 'habana_frameworks') for k in sys.mod
 def test_everything_imports_with_peft_blocked():
     r = subprocess.run([sys.executable, "-c", BLOCKER], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "lora.layer" in r.stdout and "lora.adapter" in r.stdout
+    assert "lora.core.layer" in r.stdout and "lora.storage.adapter" in r.stdout
 
 
 def test_no_package_attribute_hides_a_module():
@@ -41,6 +41,7 @@ def test_no_package_attribute_hides_a_module():
     import pkgutil
 
     import lora
-    for m in pkgutil.iter_modules(lora.__path__):
-        module = importlib.import_module(f"lora.{m.name}")
-        assert getattr(lora, m.name) is module, m.name
+    for m in pkgutil.walk_packages(lora.__path__, "lora."):
+        module = importlib.import_module(m.name)
+        parent, _, child = m.name.rpartition(".")
+        assert getattr(importlib.import_module(parent), child) is module, m.name

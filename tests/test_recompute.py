@@ -1,4 +1,4 @@
-"""The LoRA input rebuilt in backward from what autograd keeps (lora/recompute.py): bit for bit, only
+"""The LoRA input rebuilt in backward from what autograd keeps (lora/core/recompute.py): bit for bit, only
 where the pattern holds, and every gradient unchanged."""
 import copy
 
@@ -8,10 +8,10 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import lora
-import lora.functional
+import lora.core.functional
 from lora import LoRAConfig
-from lora.functional import lora_linear_torch
-from lora.recompute import product_recipe, recompute
+from lora.core.functional import lora_linear_torch
+from lora.core.recompute import product_recipe, recompute
 from test_inject import randomize_B
 
 
@@ -92,8 +92,8 @@ def test_llama_grads_bit_identical_with_and_without_rebuilding(tiny_llama, token
     randomize_B(saving)
     rebuilding.load_state_dict(saving.state_dict())
     found = []
-    real = lora.functional.product_recipe
-    monkeypatch.setattr(lora.functional, "product_recipe", lambda x: found.append(real(x)) or found[-1])
+    real = lora.core.functional.product_recipe
+    monkeypatch.setattr(lora.core.functional, "product_recipe", lambda x: found.append(real(x)) or found[-1])
     grads = {}
     for name, model in (("rebuilding", rebuilding), ("saving", saving)):
         lora.set_recompute_inputs(name == "rebuilding")
@@ -154,7 +154,7 @@ def test_no_recipe_for_factors_saved_through_hooks():
 def test_switch_and_graph_safe_mode_keep_the_input(tiny_llama, token_ids):
     """`set_recompute_inputs(False)`, and graph-safe mode (HPU graphs, torch.compile), never look at
     the autograd graph: every LoRA op keeps its input."""
-    from lora import backend
+    from lora.core import backend
     model = lora.apply_lora(tiny_llama, LoRAConfig(r=4))
     model.train()
     layer = model.model.layers[1].mlp.down_proj

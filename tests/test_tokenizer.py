@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from lora.tokenizer import CHARS, build_char_tokenizer, char_vocab, save_char_tokenizer
+from lora.demo.tokenizer import CHARS, build_char_tokenizer, char_vocab, save_char_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from lora import LoRAConfig, LoRAError, load_adapter
-from lora.adapter import read_adapter_tensors
-from lora.demo import build_demo_base, make_task_examples
-from lora.trainer import TrainConfig, check_out_dir, lr_factor, make_scheduler, train
+from lora.storage.adapter import read_adapter_tensors
+from lora.demo.task import build_demo_base, make_task_examples
+from lora.training.trainer import TrainConfig, check_out_dir, lr_factor, make_scheduler, train
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -159,7 +159,7 @@ def test_bf16_autocast_runs_on_cpu(tiny, tmp_path):
 
 
 def test_plain_progress_line_without_tqdm(monkeypatch, capsys):
-    from lora.trainer import Progress
+    from lora.training.trainer import Progress
     monkeypatch.setitem(sys.modules, "tqdm.auto", None)          # import fails as if not installed
     bar = Progress(total=10, initial=0, enabled=True)
     assert bar.bar is None
@@ -192,7 +192,7 @@ def test_resume_after_sigkill_is_bit_identical(tiny, tmp_path):
     assert first.exists(), killed.stderr.read()
     assert not (tmp_path / "run" / "adapter").exists(), "the run finished before the kill; raise `steps`"
     assert ref.wait() == 0, ref.stderr.read()
-    # what killed writes leave (lora/atomic.py), whether or not this kill left any
+    # what killed writes leave (lora/storage/atomic.py), whether or not this kill left any
     (tmp_path / "run" / "checkpoints" / ".tmp-step-8.k1ll3d00").mkdir(exist_ok=True)
     (tmp_path / "run" / ".tmp-metrics.jsonl.k1ll3d00").write_text("half a line")
 
@@ -292,7 +292,7 @@ def test_out_dir_holding_another_run(tiny, tmp_path, capsys):
 
 
 def test_resume_refuses_data_or_a_model_that_changed(tiny, tmp_path, capsys):
-    """run.json keeps digests of the files behind --data and --model (lora/fingerprint.py): the same
+    """run.json keeps digests of the files behind --data and --model (lora/training/fingerprint.py): the same
     arguments over other contents are another run."""
     import shutil
 
@@ -352,9 +352,9 @@ def test_cli_flags_build_the_config():
 
 
 def test_cpu_training_keeps_freed_memory_unless_told_not_to(tiny, tmp_path, monkeypatch):
-    import lora.trainer
+    import lora.training.trainer
     calls = []
-    monkeypatch.setattr(lora.trainer, "keep_freed_memory", lambda: calls.append(1))
+    monkeypatch.setattr(lora.training.trainer, "keep_freed_memory", lambda: calls.append(1))
     train(tiny_config(tiny, tmp_path / "a", max_steps=1, device="cpu"))
     assert calls == [1]
     train(tiny_config(tiny, tmp_path / "b", max_steps=1, device="cpu", keep_freed_memory=False))

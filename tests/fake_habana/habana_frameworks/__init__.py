@@ -3,7 +3,7 @@
 It implements the documented calls our code makes (REFERENCE.md §4, Habana's docs) on top of CPU
 PyTorch and appends every call to `CALLS` as (name, details), so tests can assert the call protocol:
 what was called, in which order, with which arguments. It maps nothing onto real hardware: the tests
-point lora.device's HPU torch.device at the CPU.
+point lora.runtime.device's HPU torch.device at the CPU.
 """
 import os
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import backend
-from .errors import LoRAError
+from ..core import backend
+from ..errors import LoRAError
 
 HPU_MODES = ("lazy", "eager")
 # The torch.device HPU tensors live on. Only the tests' recording fake of habana_frameworks points
@@ -114,7 +114,7 @@ def _hpu_module(name: str):
     """Import a habana_frameworks submodule; PT_HPU_LAZY_MODE must be set before the first one."""
     if "PT_HPU_LAZY_MODE" not in os.environ:
         raise RuntimeError("PT_HPU_LAZY_MODE must be set before habana_frameworks is imported "
-                           "(lora.device.set_hpu_mode)")
+                           "(lora.runtime.device.set_hpu_mode)")
     return importlib.import_module(name)
 
 

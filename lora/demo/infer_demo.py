@@ -1,6 +1,6 @@
 """`python infer.py` with no arguments: the demo adapter on held-out examples of its task.
 
-Each held-out prompt (never trained on, from lora/demo.py) is completed twice with the same model:
+Each held-out prompt (never trained on, from lora/demo/task.py) is completed twice with the same model:
 once with the adapter switched off (the random base: it cannot do the task) and once with it on
 (merged first when --merge is given). Prints the expected answer and whether the adapter's reply
 matches it exactly.
@@ -10,10 +10,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .demo import heldout_examples
-from .generate import Sampling
-from .inference import complete, load_model
-from .inject import disable_adapter, merge_lora
+from .task import heldout_examples
+from ..inference.generate import Sampling
+from ..inference.complete import complete, load_model
+from ..core.inject import disable_adapter, merge_lora
 
 N_SHOWN = 8
 

@@ -3,7 +3,7 @@ length, a JSON header {name: {dtype, shape, data_offsets}, "__metadata__": {...}
 bytes. Headers are parsed by hand and checked against the file size (a truncated file is caught before
 any work), tensors are read with `pread` into caller buffers and copied file-to-file by the kernel, so
 nothing here maps a whole shard into memory (as `safetensors.safe_open` would, counting towards RSS).
-Used by lora/streaming_merge.py.
+Used by lora/merging/streaming.py.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import LoRAError
+from ..errors import LoRAError
 
 SINGLE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"

@@ -44,7 +44,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, dtype=dtype, device=device))  # (out, r)
         self.merged = False
         self.disabled = False
-        self.group = None       # a SharedInputGroup when siblings read the same input (lora/group.py)
+        self.group = None       # a SharedInputGroup when siblings read the same input (lora/core/group.py)
         self.reset_lora_parameters(init_lora_weights)
 
     @torch.no_grad()

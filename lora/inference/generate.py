@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 from transformers import DynamicCache, StaticCache
 
-from .errors import LoRAError
+from ..errors import LoRAError
 
 
 @dataclass(frozen=True)

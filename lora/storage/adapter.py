@@ -16,9 +16,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_dir
-from .config import LoRAConfig
-from .errors import LoRAError
-from .inject import apply_lora, lora_layers
+from ..core.config import LoRAConfig
+from ..errors import LoRAError
+from ..core.inject import apply_lora, lora_layers
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

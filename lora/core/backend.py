@@ -2,10 +2,10 @@
 
 - Triton's fused kernels on CUDA when they import (`set_backend("torch")` forces the plain op,
   `"triton"` forces the kernels);
-- else the plain autograd Function (lora/functional.py), shared by q/k/v and by gate/up when the
-  layer belongs to a shared-input group (lora/group.py);
-- in graph-safe mode (HPU, set by lora.device), dropout from the device RNG instead of a host seed,
-  and the LoRA input always saved, never rebuilt from the autograd graph (lora/recompute.py).
+- else the plain autograd Function (lora/core/functional.py), shared by q/k/v and by gate/up when the
+  layer belongs to a shared-input group (lora/core/group.py);
+- in graph-safe mode (HPU, set by lora.runtime.device), dropout from the device RNG instead of a host seed,
+  and the LoRA input always saved, never rebuilt from the autograd graph (lora/core/recompute.py).
 Autocast is resolved here, as `nn.Linear` would: every input is cast to the autocast dtype.
 """
 from __future__ import annotations
@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from .functional import lora_linear_torch
 
 _BACKEND = "auto"   # "auto" | "torch" | "triton"
-_GRAPH_SAFE = False  # set by lora.device for HPU graphs / torch.compile: no host-side dropout seeds
-_RECOMPUTE = True   # rebuild the LoRA input in backward when autograd keeps its factors (lora/recompute.py)
+_GRAPH_SAFE = False  # set by lora.runtime.device for HPU graphs / torch.compile: no host-side dropout seeds
+_RECOMPUTE = True   # rebuild the LoRA input in backward when autograd keeps its factors (lora/core/recompute.py)
 
 
 def set_backend(name: str) -> None:
@@ -90,7 +90,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: floa
     args = _cast(x, weight, bias, lora_A, lora_B, dtype)
     with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
         if uses_triton(x):
-            from .kernels import lora_linear as lora_linear_triton
+            from ..kernels import lora_linear as lora_linear_triton
             return lora_linear_triton(*args, scaling, dropout_p, recompute_input=_RECOMPUTE and not _GRAPH_SAFE)
         if _GRAPH_SAFE and dropout_p > 0:
             return _lora_linear_graph_safe(*args, scaling, dropout_p)
@@ -105,7 +105,7 @@ def _lora_linear_graph_safe(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
 
 
 def grouped_lora_linear(group, member, x: torch.Tensor, dropout_p: float) -> torch.Tensor:
-    """`member`'s output through its shared-input group (plain PyTorch path; see lora/group.py)."""
+    """`member`'s output through its shared-input group (plain PyTorch path; see lora/core/group.py)."""
     dtype = _compute_dtype(x, member.weight)
     with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
         return group.forward(member, x, dropout_p, lambda *t: _cast(*t, dtype), recompute_input=_RECOMPUTE and not _GRAPH_SAFE)

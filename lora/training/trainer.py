@@ -30,15 +30,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .adapter import load_adapter_tensors, read_adapter_tensors, save_adapter
-from .atomic import atomic_dir, atomic_write_text, clean_stale_in
-from .config import LoRAConfig
+from ..storage.adapter import load_adapter_tensors, read_adapter_tensors, save_adapter
+from ..storage.atomic import atomic_dir, atomic_write_text, clean_stale_in
+from ..core.config import LoRAConfig
 from .data import IGNORE, TokenizedData, epoch_order, load_dataset, split_eval
-from .device import Device, resolve_device
-from .errors import LoRAError
+from ..runtime.device import Device, resolve_device
+from ..errors import LoRAError
 from .fingerprint import file_sha256, model_digest
-from .inject import apply_lora, lora_layers, trainable_parameters
-from .malloc import keep_freed_memory
+from ..core.inject import apply_lora, lora_layers, trainable_parameters
+from ..runtime.malloc import keep_freed_memory
 
 STATE_FILE = "trainer_state.pt"
 RUN_FILE = "run.json"
@@ -85,7 +85,7 @@ class TrainConfig:
     resume: bool = False
     force: bool = False
     progress: bool = True
-    keep_freed_memory: bool = True               # CPU + glibc: freed memory stays in the process (lora/malloc.py)
+    keep_freed_memory: bool = True               # CPU + glibc: freed memory stays in the process (lora/runtime/malloc.py)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def fingerprint(self) -> dict:
@@ -96,7 +96,7 @@ class TrainConfig:
         return json.loads(json.dumps(d))
 
 
-# Digests of what the paths point to (lora/fingerprint.py), kept in run.json beside the arguments.
+# Digests of what the paths point to (lora/training/fingerprint.py), kept in run.json beside the arguments.
 _CONTENT_KEYS = {"data_sha256": "--data", "eval_data_sha256": "--eval-data", "model_digest": "--model"}
 
 
@@ -467,7 +467,7 @@ def train(cfg: TrainConfig, out_mode: str | None = None) -> TrainResult:
                 (out / name).unlink(missing_ok=True)
         atomic_write_text(out / RUN_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
         (out / "checkpoints").mkdir(exist_ok=True)
-        clean_stale_in(out)                          # what a killed run's writes left (lora/atomic.py)
+        clean_stale_in(out)                          # what a killed run's writes left (lora/storage/atomic.py)
         clean_stale_in(out / "checkpoints")
 
     model = load_model(cfg.model, dtype, device)
@@ -506,7 +506,7 @@ def train(cfg: TrainConfig, out_mode: str | None = None) -> TrainResult:
               f"{total} steps" + (f"; resuming from {resumed_from}" if resumed_from else ""), file=sys.stderr)
 
     if device.name == "cpu" and cfg.keep_freed_memory:
-        keep_freed_memory()      # from here on: each step reuses the last one's pages (lora/malloc.py)
+        keep_freed_memory()      # from here on: each step reuses the last one's pages (lora/runtime/malloc.py)
     progress = Progress(total, start, cfg.progress and rank == 0)
     metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None
     window = {"loss": 0.0, "steps": 0, "tokens": 0.0, "t0": time.time()}

@@ -16,11 +16,11 @@ from typing import Callable, TextIO
 import torch
 import torch.nn as nn
 
-from .adapter import load_adapter
-from .device import Device, resolve_device
-from .errors import LoRAError
+from ..storage.adapter import load_adapter
+from ..runtime.device import Device, resolve_device
+from ..errors import LoRAError
 from .generate import Generated, Sampling, context_length, generate
-from .inject import merge_lora
+from ..core.inject import merge_lora
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}   # train.py's names
 FORMATS = ("plain", "guanaco")
@@ -29,7 +29,7 @@ FORMATS = ("plain", "guanaco")
 def load_model(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike | None = None, merge: bool = False,
                device: str | Device = "cpu", dtype: str = "auto", trust_remote_code: bool = False):
     """The causal LM and tokenizer saved in `model_dir`, with the adapter applied (and folded in
-    when `merge`), in eval mode on `device` ("auto", "cpu", "cuda": lora.device). dtype "auto" keeps
+    when `merge`), in eval mode on `device` ("auto", "cpu", "cuda": lora.runtime.device). dtype "auto" keeps
     the checkpoint's own dtype; "fp32", "bf16", "fp16" convert the base (the adapter stays fp32)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -18,7 +18,7 @@ import struct
 from pathlib import Path
 
 SAMPLES, SAMPLE_BYTES = 16, 64 * 1024
-# what the tokenizer is read from (lora/tokenizer.py, transformers' AutoTokenizer)
+# what the tokenizer is read from (lora/demo/tokenizer.py, transformers' AutoTokenizer)
 _SMALL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                 "tokenizer.model", "vocab.json", "merges.txt")
 

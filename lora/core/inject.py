@@ -14,7 +14,7 @@ import re
 import torch.nn as nn
 
 from .config import LoRAConfig
-from .errors import LoRAError
+from ..errors import LoRAError
 from .group import SharedInputGroup
 from .layer import LoRALinear
 
@@ -95,7 +95,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig, group_shared_inputs: bool =
     """Replace the matching nn.Linear modules by LoRALinear in place; freeze everything else.
 
     With `group_shared_inputs`, adapted q/k/v (and gate/up) siblings share one shrink of their common
-    input on the plain PyTorch path (lora/group.py); results are the same up to float rounding.
+    input on the plain PyTorch path (lora/core/group.py); results are the same up to float rounding.
     """
     if lora_layers(model):
         raise LoRAError("model already has LoRA layers; apply_lora once per model")

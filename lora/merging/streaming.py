@@ -9,7 +9,7 @@ checkpoint tensor `<module>.weight`):
 Every other tensor is copied byte for byte. The output keeps the base's shard files, tensor order
 and index; only `--dtype` changes bytes elsewhere (float tensors converted, config.json's dtype set).
 
-Memory stays flat in the number of layers (the file format side is lora/safetensors_stream.py):
+Memory stays flat in the number of layers (the file format side is lora/storage/safetensors_stream.py):
 safetensors headers are parsed by hand, a merged weight is
 read with one `pread` into a reused buffer, its adapter tensors only when it comes up, unchanged
 tensors are copied file-to-file by the kernel (`copy_file_range`, never through our address space),
@@ -19,7 +19,7 @@ pages would count towards RSS, up to a whole shard. Writes (and each shard's fsy
 background thread, in order, while the next weight is merged.
 
 Crash safety: everything is checked before anything is written, then written into a temporary
-directory beside `out_dir` (lora.atomic.atomic_dir) that is renamed into place at the end.
+directory beside `out_dir` (lora.storage.atomic.atomic_dir) that is renamed into place at the end.
 `--verify` (verify_merged) lives here too: it is the merge's own check.
 """
 from __future__ import annotations
@@ -39,10 +39,10 @@ from pathlib import Path
 
 import torch
 
-from .adapter import PREFIX, WEIGHTS_NAME, read_adapter_config
-from .atomic import atomic_dir, clean_stale
-from .errors import LoRAError
-from .safetensors_stream import (
+from ..storage.adapter import PREFIX, WEIGHTS_NAME, read_adapter_config
+from ..storage.atomic import atomic_dir, clean_stale
+from ..errors import LoRAError
+from ..storage.safetensors_stream import (
     INDEX_NAME, DTYPES, FLOAT_NAMES, DTYPE_ARG, TORCH_NAME, Entry, Shard, read_checkpoint,
     read_shard_header, pread_exact, write_all, copy_bytes, out_dtype, shard_header,
 )
@@ -357,8 +357,8 @@ def _reference_model(base_dir: Path, adapter_dirs: list[Path], weights: list[flo
     import torch.nn as nn
     from transformers import AutoModelForCausalLM
 
-    from .adapter import load_adapter
-    from .layer import LoRALinear
+    from ..storage.adapter import load_adapter
+    from ..core.layer import LoRALinear
 
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
     if len(adapter_dirs) == 1 and weights[0] == 1.0:
@@ -411,7 +411,7 @@ def verify_merged(base_dir: Path, adapter_dirs: list[Path], weights: list[float]
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from .inject import disable_adapter
+    from ..core.inject import disable_adapter
 
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()            # our own bar has already run; theirs would repeat

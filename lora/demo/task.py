@@ -1,7 +1,7 @@
 """The demo that `python train.py` runs with no arguments: a task a random base cannot do, learned by LoRA.
 
 Base: a 2.9M-parameter Llama (4 layers, hidden 256, 8 query heads sharing 2 key/value heads, tied
-embeddings) with random weights from a fixed seed, and the character tokenizer of `lora.tokenizer`.
+embeddings) with random weights from a fixed seed, and the character tokenizer of `lora.demo.tokenizer`.
 Its only non-default structure: the final RMSNorm gain is 4 instead of 1. With HF's init (std 0.02)
 the final hidden state has norm ~16 and each tied embedding row ~0.32, so no token's logit can
 exceed another's by more than ~5: against 100 other tokens even a perfect adapter would keep a loss
@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_dir, atomic_write_text
-from .errors import LoRAError
+from ..storage.atomic import atomic_dir, atomic_write_text
+from ..errors import LoRAError
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz"
 WORD_LEN = 6
@@ -181,7 +181,7 @@ def run_demo(cfg) -> dict:
     `cfg` is a `TrainConfig` whose model/data are ignored: they become <out>/base and <out>/data.
     Returns eval.json's contents.
     """
-    from .trainer import check_out_dir, load_model, train
+    from ..training.trainer import check_out_dir, load_model, train
     out = Path(cfg.out)
     cfg = replace(cfg, model=str(out / "base"), data=str(out / "data" / "train.jsonl"),
                   eval_data=str(out / "data" / "eval.jsonl"), eval_split=0.0)
@@ -192,13 +192,13 @@ def run_demo(cfg) -> dict:
         write_task_data(out / "data")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         import torch.distributed as dist
-        from .device import resolve_device
+        from ..runtime.device import resolve_device
         if not dist.is_initialized():
             dist.init_process_group(backend=resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0"))).dist_backend)
         dist.barrier()                              # the others wait for rank 0's base and data
 
-    from .device import resolve_device
-    from .trainer import load_tokenizer
+    from ..runtime.device import resolve_device
+    from ..training.trainer import load_tokenizer
     if resolve_device(cfg.device).name == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # The demo's GEMMs are ~1 ms each: a second thread costs more in synchronisation than it
         # saves, and on a machine shared with other jobs it can make a step several times slower.

@@ -15,7 +15,7 @@ S and dS (M × r) instead of to x, so dropping is only zeroing the dropped eleme
 
 Saved for backward: dA needs x, and a frozen base alone would keep none. When x is a product whose
 factors the base's backward keeps anyway (RMSNorm's output, the gated MLP's act(g) ⊙ u: a `recipe`,
-lora/recompute.py), nothing of x's size is saved: backward multiplies x again and drops the same
+lora/core/recompute.py), nothing of x's size is saved: backward multiplies x again and drops the same
 elements. Otherwise the one activation-sized tensor: x itself at p = 0; with dropout, the forward's
 copy of x with the dropped elements zeroed, which the shrink made anyway, so x can be freed and
 backward drops nothing again. Besides: s · S (M × r, tiny) and the flat indices of the dropped
@@ -142,7 +142,7 @@ class LoRALinearFunction(torch.autograd.Function):
 
 
 def input_recipe(x: torch.Tensor, need_A: bool, allowed: bool = True):
-    """How backward can rebuild x instead of keeping it (lora/recompute.py), or None: only when dA
+    """How backward can rebuild x instead of keeping it (lora/core/recompute.py), or None: only when dA
     will be needed and x is such a product. `allowed=False` (graph capture) never looks."""
     if not (allowed and need_A and torch.is_grad_enabled()):
         return None

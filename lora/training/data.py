@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import LoRAError
+from ..errors import LoRAError
 
 IGNORE = -100
 Segments = list[tuple[str, bool]]      # (text, trained) in order
