@@ -43,7 +43,7 @@ from ..storage.adapter import PREFIX, WEIGHTS_NAME, read_adapter_config
 from ..storage.atomic import atomic_dir, clean_stale
 from ..errors import LoRAError
 from ..storage.safetensors_stream import (
-    INDEX_NAME, DTYPES, FLOAT_NAMES, DTYPE_ARG, TORCH_NAME, Entry, Shard, read_checkpoint,
+    INDEX_NAME, ST_DTYPES, FLOAT_NAMES, DTYPE_ARG, TORCH_NAME, Entry, Shard, read_checkpoint,
     read_shard_header, pread_exact, write_all, copy_bytes, out_dtype, shard_header,
 )
 
@@ -70,7 +70,7 @@ class _Update:
     weight: float
 
     def load(self, fd: int) -> _Term:
-        A, B = (pread_exact(fd, e.nbytes, e.begin, self.path).view(DTYPES[e.dtype][1]).reshape(e.shape)
+        A, B = (pread_exact(fd, e.nbytes, e.begin, self.path).view(ST_DTYPES[e.dtype][1]).reshape(e.shape)
                 for e in (self.lora_A, self.lora_B))
         return _Term(A, B, self.scaling, self.weight)
 
@@ -293,12 +293,12 @@ def _write_shard(shard: Shard, out_path: Path, plan: dict[str, list[_Update]], a
         out = out_dtype(t, dtype)
         if t.name in plan:
             raw = pread_exact(src, t.nbytes, t.begin, shard.path, ws.get("W", (t.nbytes,), torch.uint8))
-            W = raw.view(DTYPES[t.dtype][1]).view(t.shape)
+            W = raw.view(ST_DTYPES[t.dtype][1]).view(t.shape)
             terms = [u.load(adapter_fds[u.path]) for u in plan[t.name]]
-            merged = merged_weight(W, terms, DTYPES[out][1], ws, writer.buffer(t.shape, DTYPES[out][1]))
+            merged = merged_weight(W, terms, ST_DTYPES[out][1], ws, writer.buffer(t.shape, ST_DTYPES[out][1]))
             writer.write_tensor(dst, merged, t.nbytes, True)
         elif out != t.dtype:                        # --dtype: convert element-wise, chunk by chunk
-            size, src_dt, out_dt = DTYPES[t.dtype][0], DTYPES[t.dtype][1], DTYPES[out][1]
+            size, src_dt, out_dt = ST_DTYPES[t.dtype][0], ST_DTYPES[t.dtype][1], ST_DTYPES[out][1]
             n_elems = math.prod(t.shape)
             for e0 in range(0, max(n_elems, 1), _CONVERT_ELEMS):
                 n = min(_CONVERT_ELEMS, n_elems - e0)

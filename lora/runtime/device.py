@@ -24,7 +24,8 @@ HPU_MODES = ("lazy", "eager")
 # this at the CPU (there is no HPU in CI).
 HPU_TORCH_DEVICE = torch.device("hpu")
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# The --dtype names of every script, and the torch dtype each one means.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -43,11 +44,11 @@ class Device:
         return torch.float32
 
     def resolve_dtype(self, dtype: str) -> torch.dtype:
-        """'auto' | 'fp32' | 'bf16' -> the compute dtype of the frozen base and of autocast."""
+        """'auto' or a name in DTYPES -> the compute dtype of the frozen base and of autocast."""
         if dtype == "auto":
             return self.default_dtype()
         if dtype not in DTYPES:
-            raise LoRAError(f"--dtype must be auto, fp32 or bf16, got {dtype!r}")
+            raise LoRAError(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
         return DTYPES[dtype]
 
     def autocast(self, dtype: torch.dtype):

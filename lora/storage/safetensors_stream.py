@@ -24,7 +24,7 @@ HEADER_LIMIT = 100 * 1024 * 1024        # safetensors' own bound on the JSON hea
 COPY_CHUNK = 64 * 1024 * 1024           # bytes per copy_file_range call (progress granularity)
 
 # safetensors dtype name -> (bytes per element, torch dtype or None when torch has no such dtype)
-DTYPES = {
+ST_DTYPES = {
     "F64": (8, torch.float64), "F32": (4, torch.float32), "F16": (2, torch.float16),
     "BF16": (2, torch.bfloat16), "I64": (8, torch.int64), "I32": (4, torch.int32),
     "I16": (2, torch.int16), "I8": (1, torch.int8), "U8": (1, torch.uint8), "BOOL": (1, torch.bool),
@@ -84,11 +84,11 @@ def read_shard_header(path: Path) -> Shard:
             dtype, shape, (b, e) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
         except (KeyError, TypeError, ValueError):
             bad(f"malformed entry for {name!r}")
-        if dtype not in DTYPES:
+        if dtype not in ST_DTYPES:
             raise LoRAError(f"{path}: tensor {name} has dtype {dtype}, which this merge does not support")
         if not (isinstance(b, int) and isinstance(e, int)) or e < b or any(d < 0 for d in shape):
             bad(f"bad offsets or shape for {name!r}")
-        if math.prod(shape) * DTYPES[dtype][0] != e - b:
+        if math.prod(shape) * ST_DTYPES[dtype][0] != e - b:
             bad(f"{name}: {e - b} bytes for shape {list(shape)} {dtype}")
         entries.append(Entry(name, dtype, shape, data_start + b, e - b))
     entries.sort(key=lambda t: t.begin)
@@ -184,7 +184,7 @@ def shard_header(shard: Shard, dtype: str | None) -> tuple[bytes, int]:
     header, offset = {"__metadata__": meta}, 0
     for t in shard.entries:
         out = out_dtype(t, dtype)
-        nbytes = math.prod(t.shape) * DTYPES[out][0]
+        nbytes = math.prod(t.shape) * ST_DTYPES[out][0]
         header[t.name] = {"dtype": out, "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
