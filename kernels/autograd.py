@@ -19,8 +19,8 @@ import torch
 
 from lora.core.functional import input_recipe    # absolute: this package may be imported as `kernels`
 from lora.core.recompute import recompute
+from lora.runtime.seed import new_seed
 from . import launch
-from .dropout import new_seed
 from .dy_pass import dy_pass
 from .gemm import lora_gemm
 from .grad_a import grad_a

@@ -38,9 +38,3 @@ def dropout_mask(M: int, K: int, dropout_p: float, seed: int, device) -> torch.T
     grid = (triton.cdiv(M, 32), triton.cdiv(K, 32))
     _mask_kernel[grid](out, M, K, float(dropout_p), int(seed), BLOCK_M=32, BLOCK_K=32)
     return out
-
-
-def new_seed() -> int:
-    """A dropout seed from torch's global CPU generator (so `torch.manual_seed` governs it); Philox
-    takes it as a 64-bit key. CPU only: no device synchronisation."""
-    return int(torch.randint(0, 2**62, (1,)).item())

@@ -14,6 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import lora
+from lora.core.delta import Term
 from lora import LoRAConfig, LoRAError
 from lora.merging.streaming import VerifyError, merge_checkpoint
 from conftest import tiny_llama_config
@@ -281,7 +282,7 @@ def test_verify_catches_a_wrong_merge_and_writes_nothing(work, tmp_path, monkeyp
     import lora.merging.streaming as mc
     right = mc.merged_weight
     monkeypatch.setattr(mc, "merged_weight",                   # a merge with a 1% scaling error
-                        lambda W, terms, *args: right(W, [mc._Term(u.lora_A, u.lora_B, u.scaling * 1.01, u.weight)
+                        lambda W, terms, *args: right(W, [Term(u.lora_A, u.lora_B, u.scaling * 1.01, u.weight)
                                                           for u in terms], *args))
     out = tmp_path / "out"
     with pytest.raises(VerifyError, match="exceeds the tolerance"):

@@ -28,6 +28,7 @@ import math
 
 import torch
 
+from ..runtime.seed import new_seed
 from .recompute import product_recipe, recompute
 
 
@@ -92,12 +93,6 @@ def dropout_scale(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     input shaped like `like` for this `seed`. The op never builds it; it is here to state the mask."""
     mask = torch.full(like.shape, 1 / (1 - p), dtype=like.dtype, device=like.device)
     return drop(mask, dropped_positions(like.numel(), p, seed, like.device))
-
-
-def new_seed() -> int:
-    """A dropout seed drawn from torch's global CPU generator (so `torch.manual_seed` governs it and a
-    checkpointed RNG state reproduces it). CPU only: no device synchronisation."""
-    return int(torch.randint(0, 2**62, (1,)).item())
 
 
 class LoRALinearFunction(torch.autograd.Function):

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from .functional import compact, drop_, expand, input_recipe, new_seed, recomputed_input, shrink
+from ..runtime.seed import new_seed
+from .functional import compact, drop_, expand, input_recipe, recomputed_input, shrink
 
 
 class GroupedLoRAFunction(torch.autograd.Function):

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import backend
+from .delta import Term, merged_weight
 
 
 class LoRALinear(nn.Module):
@@ -72,22 +73,23 @@ class LoRALinear(nn.Module):
         return backend.lora_forward(self, x, p)    # x Wᵀ + b + scaling · (dropout_p(x) Aᵀ) Bᵀ
 
     # -- merge / unmerge --------------------------------------------------------------------
-    def delta_weight(self) -> torch.Tensor:
-        """scaling · B A in fp32, (out, in)."""
-        return (self.lora_B.detach().float() @ self.lora_A.detach().float()) * self.scaling
+    def _fold(self, sign: float) -> None:
+        """W ← round(fp32(W) + sign · scaling · B A), by the merge formula of lora/core/delta.py."""
+        term = Term(self.lora_A.detach(), self.lora_B.detach(), self.scaling, sign)
+        merged_weight(self.weight.detach(), [term], self.weight.dtype, out=self.weight.data)
 
     @torch.no_grad()
     def merge(self) -> None:
         """W ← round(fp32(W) + scaling · B A). Idempotent."""
         if not self.merged:
-            self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
+            self._fold(1.0)
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """W ← round(fp32(W) − scaling · B A). Idempotent; exact only up to the weight dtype's rounding."""
         if self.merged:
-            self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
+            self._fold(-1.0)
             self.merged = False
 
     @contextlib.contextmanager

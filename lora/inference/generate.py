@@ -27,6 +27,7 @@ import torch.nn as nn
 from transformers import DynamicCache, StaticCache
 
 from ..errors import LoRAError
+from ..runtime.seed import new_seed
 
 
 @dataclass(frozen=True)
@@ -199,7 +200,7 @@ def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int,
     generator = None
     if not sampling.greedy:
         # No seed: one drawn from torch's global generator, so torch.manual_seed still governs the run.
-        seed = sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
+        seed = sampling.seed if sampling.seed is not None else new_seed()
         generator = torch.Generator().manual_seed(seed)
 
     out = Generated(tokens=[[] for _ in range(B)], stopped=[False] * B,

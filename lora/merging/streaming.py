@@ -39,8 +39,9 @@ from pathlib import Path
 
 import torch
 
-from ..storage.adapter import PREFIX, WEIGHTS_NAME, read_adapter_config
+from ..storage.adapter import PREFIX, WEIGHTS_NAME, read_adapter_config, weights_path
 from ..storage.atomic import atomic_dir, clean_stale
+from ..core.delta import Term, Workspace, merged_weight
 from ..errors import LoRAError
 from ..storage.safetensors_stream import (
     INDEX_NAME, ST_DTYPES, FLOAT_NAMES, DTYPE_ARG, TORCH_NAME, Entry, Shard, read_checkpoint,
@@ -51,17 +52,8 @@ from ..storage.safetensors_stream import (
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
 # -- planning the merge -------------------------------------------------------------------------
 @dataclass
-class _Term:
-    """One adapter's low-rank update of one weight: weight · scaling · B @ A."""
-    lora_A: torch.Tensor      # (r, in)
-    lora_B: torch.Tensor      # (out, r)
-    scaling: float
-    weight: float
-
-
-@dataclass
 class _Update:
-    """Where a _Term's tensors live: read from the adapter file only when their weight is merged, so
+    """Where a Term's tensors live: read from the adapter file only when their weight is merged, so
     the adapter (which grows with the layers, too) is never held whole."""
     path: Path
     lora_A: Entry
@@ -69,22 +61,13 @@ class _Update:
     scaling: float
     weight: float
 
-    def load(self, fd: int) -> _Term:
+    def load(self, fd: int) -> Term:
         A, B = (pread_exact(fd, e.nbytes, e.begin, self.path).view(ST_DTYPES[e.dtype][1]).reshape(e.shape)
                 for e in (self.lora_A, self.lora_B))
-        return _Term(A, B, self.scaling, self.weight)
+        return Term(A, B, self.scaling, self.weight)
 
 
 _KEY = re.compile(rf"^{re.escape(PREFIX)}(.+)\.lora_([AB])\.weight$")
-
-
-def _adapter_file(adapter_dir: Path) -> Path:
-    path = adapter_dir / WEIGHTS_NAME
-    if not path.is_file():
-        if (adapter_dir / "adapter_model.bin").is_file():
-            raise LoRAError(f"{adapter_dir}: only adapter_model.bin (pickle) found; we read safetensors only")
-        raise LoRAError(f"{adapter_dir}: no {WEIGHTS_NAME}")
-    return path
 
 
 def _plan_updates(adapter_dirs: list[Path], weights: list[float],
@@ -94,7 +77,7 @@ def _plan_updates(adapter_dirs: list[Path], weights: list[float],
     plan: dict[str, list[_Update]] = {}
     for adapter_dir, w in zip(adapter_dirs, weights):
         config = read_adapter_config(adapter_dir)
-        path = _adapter_file(adapter_dir)
+        path = weights_path(adapter_dir)
         pairs: dict[str, dict[str, Entry]] = {}
         for t in sorted(read_shard_header(path).entries, key=lambda t: t.name):
             m = _KEY.match(t.name)
@@ -128,47 +111,6 @@ def _plan_updates(adapter_dirs: list[Path], weights: list[float],
                                 f"{target.name} has shape {target.shape} (needs ({out_f}, {r}) at r={r})")
             plan.setdefault(target.name, []).append(_Update(path, lora_A, lora_B, config.scaling_for(module), w))
     return plan
-
-
-class _Workspace:
-    """Buffers reused from one merged weight to the next: the sizes repeat layer after layer, and a
-    fresh (out, in) allocation each time costs page faults (mmap'd by the allocator) on every tensor."""
-
-    def __init__(self):
-        self.buffers: dict[str, torch.Tensor] = {}
-
-    def get(self, key: str, shape, dtype: torch.dtype) -> torch.Tensor:
-        n = math.prod(shape)
-        buf = self.buffers.get(key)
-        if buf is None or buf.dtype != dtype or buf.numel() < n:
-            self.buffers.pop(key, None)
-            self.buffers[key] = buf = torch.empty(n, dtype=dtype)
-        return buf[:n].view(shape)
-
-
-def merged_weight(W: torch.Tensor, terms: list[_Term], out_dtype: torch.dtype,
-                  ws: _Workspace | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """round_to(out_dtype)( fp32(W) + Σ w·(s·B@A) ): the deltas summed in fp32, in adapter order, one rounding.
-
-    W: (out, in) in any float dtype. `delta += fp32(W)` is the same IEEE sum as `fp32(W) + delta`
-    (the upcast is exact, addition commutes); in-place ops and `copy_` into a buffer give the same bits
-    as their allocating forms. `ws` holds the fp32 temporaries; the result goes to `out` when given.
-    """
-    ws = ws or _Workspace()
-    out = torch.empty(W.shape, dtype=out_dtype) if out is None else out
-    delta = ws.get("delta", W.shape, torch.float32)                             # (out, in) fp32
-    for i, u in enumerate(terms):
-        prod = delta if i == 0 else ws.get("term", W.shape, torch.float32)
-        torch.matmul(u.lora_B.float(), u.lora_A.float(), out=prod).mul_(u.scaling)   # (out, r) @ (r, in)
-        if u.weight != 1.0:
-            prod.mul_(u.weight)
-        if i:
-            delta.add_(prod)
-    if W.dtype == torch.float64:                 # keep an fp64 base in fp64 (no precision lost)
-        return out.copy_(W + delta.double())
-    # A same-dtype add after an explicit upcast is several times faster than a mixed-dtype add_.
-    delta.add_(W if W.dtype == torch.float32 else ws.get("w32", W.shape, torch.float32).copy_(W))
-    return out.copy_(delta)                                                     # the one rounding (RNE)
 
 
 # -- writing ------------------------------------------------------------------------------------
@@ -282,7 +224,7 @@ _CONVERT_ELEMS = 4 * 1024 * 1024     # elements per --dtype conversion step
 
 
 def _write_shard(shard: Shard, out_path: Path, plan: dict[str, list[_Update]], adapter_fds: dict[Path, int],
-                 dtype: str | None, writer: _Writer, ws: _Workspace) -> None:
+                 dtype: str | None, writer: _Writer, ws: Workspace) -> None:
     """One output shard: its header, then every tensor in the base shard's order (merged, converted or
     copied). The reads and the math run here; the writes are queued on `writer`."""
     header, _ = shard_header(shard, dtype)
@@ -522,7 +464,7 @@ def merge_checkpoint(base_dir, adapter_dirs, out_dir, weights=None, dtype=None, 
     try:
         with atomic_dir(out_dir) as tmp:
             with contextlib.ExitStack() as stack, _Writer(bar, hold) as writer:
-                adapter_fds, ws = {}, _Workspace()
+                adapter_fds, ws = {}, Workspace()
                 for path in {u.path for ups in plan.values() for u in ups}:
                     adapter_fds[path] = fd = os.open(path, os.O_RDONLY)
                     stack.callback(os.close, fd)

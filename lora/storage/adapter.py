@@ -68,12 +68,18 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> LoRAConfig:
     return LoRAConfig.from_peft_dict(d, source=str(path))
 
 
-def read_adapter_tensors(adapter_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+def weights_path(adapter_dir: str | os.PathLike) -> Path:
+    """<dir>/adapter_model.safetensors; a one-line error when it is missing (or only a pickle is there)."""
     path = Path(adapter_dir) / WEIGHTS_NAME
     if not path.is_file():
         if (Path(adapter_dir) / "adapter_model.bin").is_file():
             raise LoRAError(f"{adapter_dir}: only adapter_model.bin (pickle) found; we read safetensors only")
         raise LoRAError(f"{adapter_dir}: no {WEIGHTS_NAME}")
+    return path
+
+
+def read_adapter_tensors(adapter_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+    path = weights_path(adapter_dir)
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:

@@ -1,0 +1,63 @@
+"""The merged weight, in one place: LoRALinear.merge/unmerge, merge_lora and merge.py all use it.
+
+    W' = round_to_dtype( fp32(W) + Σ_i w_i · (s_i · fp32(B_i) @ fp32(A_i)) )     one rounding
+         W: (out, in)   A_i: (r_i, in)   B_i: (out, r_i)   s_i: scaling   w_i: the adapter's weight
+
+Unmerging is the same formula with w = −1 (exact only up to the weight dtype's rounding).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Term:
+    """One adapter's low-rank update of one weight: weight · scaling · B @ A."""
+    lora_A: torch.Tensor      # (r, in)
+    lora_B: torch.Tensor      # (out, r)
+    scaling: float
+    weight: float
+
+
+class Workspace:
+    """Buffers reused from one merged weight to the next: the sizes repeat layer after layer, and a
+    fresh (out, in) allocation each time costs page faults (mmap'd by the allocator) on every tensor."""
+
+    def __init__(self):
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, key: str, shape, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+        n = math.prod(shape)
+        buf = self.buffers.get(key)
+        if buf is None or buf.dtype != dtype or buf.numel() < n or buf.device != torch.device(device):
+            self.buffers.pop(key, None)
+            self.buffers[key] = buf = torch.empty(n, dtype=dtype, device=device)
+        return buf[:n].view(shape)
+
+
+def merged_weight(W: torch.Tensor, terms: list[Term], out_dtype: torch.dtype,
+                  ws: Workspace | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """round_to(out_dtype)( fp32(W) + Σ w·(s·B@A) ): the deltas summed in fp32, in adapter order, one rounding.
+
+    W: (out, in) in any float dtype. `delta += fp32(W)` is the same IEEE sum as `fp32(W) + delta`
+    (the upcast is exact, addition commutes); in-place ops and `copy_` into a buffer give the same bits
+    as their allocating forms. `ws` holds the fp32 temporaries; the result goes to `out` when given.
+    """
+    ws = ws or Workspace()
+    out = torch.empty(W.shape, dtype=out_dtype, device=W.device) if out is None else out
+    delta = ws.get("delta", W.shape, torch.float32, W.device)              # (out, in) fp32
+    for i, u in enumerate(terms):
+        prod = delta if i == 0 else ws.get("term", W.shape, torch.float32, W.device)
+        torch.matmul(u.lora_B.float(), u.lora_A.float(), out=prod).mul_(u.scaling)   # (out, r) @ (r, in)
+        if u.weight != 1.0:
+            prod.mul_(u.weight)
+        if i:
+            delta.add_(prod)
+    if W.dtype == torch.float64:                 # keep an fp64 base in fp64 (no precision lost)
+        return out.copy_(W + delta.double())
+    # A same-dtype add after an explicit upcast is several times faster than a mixed-dtype add_.
+    delta.add_(W if W.dtype == torch.float32 else ws.get("w32", W.shape, torch.float32, W.device).copy_(W))
+    return out.copy_(delta)                                                     # the one rounding (RNE)
