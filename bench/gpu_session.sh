@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# Every GPU check of issues 8 and 9 in one call on a lent GPU (the `device` tool's `run`), inside its
-# 10-minute limit: each step has its own timeout, and they add up to 540 s. Run from the repository
-# root:
+# The GPU checks of this project in one run, for anyone with an NVIDIA GPU: each step has its own
+# timeout (together 540 s, so the whole session fits in ten minutes), and a step that fails or times
+# out is logged and the next one runs. Run from the repository root, after `pip install -e ".[test]"`:
 #
-#     bash bench/gpu_session.sh            # with the device tool: run(command="bash bench/gpu_session.sh", timeout_s=580)
+#     bash bench/gpu_session.sh                   # results in bench/results/gpu-session/
+#     OUT=/some/dir bash bench/gpu_session.sh     # or wherever OUT points
 #
-# Writes to $OUT (the folder the device tool brings back; bench/results/gpu-session here otherwise),
-# at most 8 files: session.log (every step's output and exit code), kernels.{json,md,png}
-# (bench_kernels: Llama-3-8B shapes, M ∈ {16, 8192}, r = 16, bf16) and train-gpu{,-dropout}.json
-# (bench_train: llama-1b in bf16, dropout 0 and 0.05, with MFU). A step that fails or times out is
-# logged and the next one runs. Copy what comes back into bench/results/ and name the device.
+# Steps: the GPU and versions; the package installed editable without a network; the kernels'
+# compile check; the kernel tests compiled (no interpreter) against float64 references;
+# bench_kernels (Llama-3-8B shapes, M in {16, 8192}, r = 16, bf16); bench_train (llama-1b in bf16 at
+# dropout 0 and 0.05, with MFU). Writes at most 8 files: session.log (every step's output and exit
+# code), kernels.{json,md,png} and train-gpu{,-dropout}.json. Name the device when committing them
+# to bench/results/.
 set -uo pipefail
 OUT=${OUT:-bench/results/gpu-session}
 mkdir -p "$OUT"

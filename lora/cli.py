@@ -2,8 +2,10 @@
 
 - `OneLineParser`: argparse's mistakes as one `error: …` line, exit status 2;
 - `add_device_flags`: --device, --hpu-mode, --hpu-graphs and --dtype, defined once;
-- `run_main`: runs a script's body and turns what it raises into one `error:` line and an exit status:
-  2 for bad input (`LoRAError`), 1 for a failure (`LoRAFailure`, an OS error), 130 when interrupted.
+- `run_main`: runs a script's body with Ctrl-C and SIGTERM turned into exceptions
+  (lora/runtime/signals.py), and what it raises into one line and an exit status: 2 for bad input
+  (`LoRAError`), 1 for a failure (`LoRAFailure`, an OS error), 130 / 143 when interrupted by
+  SIGINT / SIGTERM (`interrupted`, and what was kept).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import sys
 from typing import Callable
 
 from .errors import LoRAError, LoRAFailure
+from .runtime.signals import Interrupted, handle_signals
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -50,7 +53,8 @@ def set_hpu_mode_first(args: argparse.Namespace) -> None:
 
 
 def run_main(body: Callable[[], None]) -> int:
-    """Run a script's body; what it raises becomes one `error:` line on stderr and an exit status."""
+    """Run a script's body; what it raises becomes one line on stderr and an exit status."""
+    handle_signals()
     try:
         body()
     except LoRAError as e:
@@ -59,6 +63,9 @@ def run_main(body: Callable[[], None]) -> int:
     except LoRAFailure as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILURE
+    except Interrupted as e:
+        print("interrupted" + (f": {e.kept}" if e.kept else ""), file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -1,4 +1,4 @@
-"""bench/gpu_session.sh, the one prepared call for a lent GPU: it cannot run here, so check what can
+"""bench/gpu_session.sh, the GPU checks in one run: it cannot run without a GPU, so check what can
 be: shell syntax, the time budget, and that every bench command's flags parse."""
 import re
 import shlex
@@ -21,7 +21,7 @@ def steps():
 def test_syntax_and_budget():
     assert subprocess.run(["bash", "-n", str(SCRIPT)]).returncode == 0
     limits = [int(limit) for limit, _ in steps()]
-    assert len(limits) == 8 and sum(limits) <= 540        # the device tool's 600 s per call, with room
+    assert len(limits) == 8 and sum(limits) <= 540        # ten minutes in all, with room
 
 
 def test_bench_flags_parse(tmp_path):

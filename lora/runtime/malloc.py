@@ -4,8 +4,8 @@ PyTorch's CPU tensors come from the C library's malloc. glibc gives large freed 
 kernel: blocks above the mmap threshold (128 KiB, raised on the fly up to 32 MiB) are unmapped on
 free, and the heap's top is trimmed once more than twice that is free. A training step frees nearly
 everything it allocated, so the next step gets fresh pages, and each 4 KiB page costs a minor fault
-that the kernel zeroes: about 1.4 µs apiece on this project's CPU machine, and 96–160 k faults
-(400–650 MB) per step of the benchmark in bench/bench_train.py.
+that the kernel zeroes: a cost per step that grows with the activations (docs/train.md has the
+counts and the time measured on this project's CPU machine).
 
 `keep_freed_memory()` turns both off with two `mallopt` calls: no block is mmapped on its own
 (M_MMAP_MAX = 0), and the heap's top is trimmed only once more than 2 GiB of it is free
