@@ -4,25 +4,22 @@
     python infer.py --model DIR --adapter DIR --prompt-file prompts.txt      # one reply per line
     python infer.py                                                          # the demo run (runs/demo)
 
-The work is in lora/inference/complete.py (loading, prompts, batches) and lora/inference/generate.py (the KV-cache loop).
+The work is in lora/inference/ (load.py, prompts.py, complete.py; generate.py: the KV-cache loop).
+Exit status: 0 done, 2 bad input, 1 a failure, 130 interrupted.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import secrets
 import sys
 from pathlib import Path
 
+from lora.cli import OneLineParser, add_device_flags, run_main, set_hpu_mode_first
+from lora.inference.load import STATIC_BUCKET
+
 DEMO_DIR = Path("runs/demo")
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse's mistakes as one `error: …` line (no usage block), exit status 2 as argparse's."""
-
-    def error(self, message: str):
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,21 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="plain: the prompt as given; guanaco: '### Human: PROMPT ### Assistant:'")
     p.add_argument("--bucket", type=int, default=0, metavar="N",
                    help="pad prompts and the KV cache to multiples of N tokens, so decode steps have one "
-                        "static shape (for graph-compiling devices such as HPU); 0 = off. Same tokens either way")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "hpu"),
-                   help="auto: Gaudi (HPU) when habana_frameworks sees one, else CUDA, else CPU (default auto). "
-                        "On HPU, shapes are static: --bucket defaults to 32 and 0 is refused")
-    p.add_argument("--hpu-mode", default="lazy", choices=("lazy", "eager"),
-                   help="HPU execution mode, set as PT_HPU_LAZY_MODE before any habana import: lazy "
-                        "(+ HPU Graphs) or eager (+ torch.compile hpu_backend) (default lazy)")
-    p.add_argument("--hpu-graphs", action=argparse.BooleanOptionalAction, default=None,
-                   help="wrap the model in an HPU Graph (wrap_in_hpu_graph); lazy mode only (default: on in lazy mode)")
-    p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                   help="dtype of the base weights (auto: as saved in the checkpoint; the adapter stays fp32)")
+                        "static shape (for graph-compiling devices such as HPU); 0 = off. Same tokens either way. "
+                        f"On HPU, shapes are static: --bucket defaults to {STATIC_BUCKET} and 0 is refused")
     p.add_argument("--jsonl", action="store_true",
                    help="with --prompt-file: print one JSON object per line ({prompt, reply}) instead of the reply text")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow the model directory's own Python code to run (off: only built-in architectures)")
+    add_device_flags(p, dtype_help="dtype of the base weights (auto: as saved in the checkpoint; the adapter "
+                                   "stays fp32)")
     return p
 
 
@@ -79,26 +69,26 @@ def one_line(text: str) -> str:
     return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
 
 
-def read_prompts(path: str) -> list[str]:
-    from lora import LoRAError
+@contextlib.contextmanager
+def hf_bars_on_a_terminal_only():
+    """transformers' progress bars are for a terminal; in a log or a pipe stderr keeps only timing and errors."""
+    from transformers.utils import logging as hf_logging
+    bars = hf_logging.is_progress_bar_enabled()
+    if not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise LoRAError(f"{path}: no such prompt file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise LoRAError(f"{path}: cannot read ({e})") from None
-    if not lines:
-        raise LoRAError(f"{path}: no prompts (the file is empty)")
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            raise LoRAError(f"{path}:{i}: empty prompt")
-    return lines
+        yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
-def run(args) -> None:
+def run(args: argparse.Namespace) -> None:
     from lora import LoRAError
+    from lora.inference.complete import TextStream, complete
     from lora.inference.generate import Sampling
-    from lora.inference.complete import TextStream, complete, load_model, resolve_inference_device
+    from lora.inference.load import load_for_generation, resolve_inference_device
+    from lora.inference.prompts import read_prompts
 
     if args.jsonl and args.prompt_file is None:
         raise LoRAError("--jsonl applies to --prompt-file output only")
@@ -116,16 +106,16 @@ def run(args) -> None:
         if args.prompt is None and args.prompt_file is None:
             if args.chat_template or args.format != "plain":
                 raise LoRAError("the demo's prompts are plain text: --chat-template/--format need --prompt or --prompt-file")
-            from lora.demo.infer_demo import run_demo
-            return run_demo(DEMO_DIR, args, sampling)
+            from lora.demo.infer_demo import run_infer_demo
+            return run_infer_demo(DEMO_DIR, args, sampling)
         args.model, args.adapter = str(DEMO_DIR / "base"), str(DEMO_DIR / "adapter")
     if args.max_new_tokens is None:
         args.max_new_tokens = 64
     texts = read_prompts(args.prompt_file) if args.prompt_file else [args.prompt or ""]
     if args.prompt is not None and not args.prompt.strip():
         raise LoRAError("empty prompt")
-    model, tokenizer = load_model(args.model, args.adapter, args.merge, args.device, args.dtype,
-                                  args.trust_remote_code)
+    model, tokenizer = load_for_generation(args.model, args.adapter, args.merge, args.device, args.dtype,
+                                           args.trust_remote_code)
     common = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, batch_size=args.batch_size,
                   chat_template=args.chat_template, fmt=args.format, bucket=args.bucket, warmup=True)
     if args.prompt is not None:
@@ -144,26 +134,12 @@ def run(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.bucket_given = any(a == "--bucket" or a.startswith("--bucket=") for a in (sys.argv[1:] if argv is None else argv))
-    if args.device in ("auto", "hpu"):
-        # Before anything (transformers included) can import habana_frameworks.
-        from lora.runtime.device import set_hpu_mode
-        set_hpu_mode(args.hpu_mode)
-    from transformers.utils import logging as hf_logging
 
-    from lora import LoRAError
-    bars = hf_logging.is_progress_bar_enabled()
-    if not sys.stderr.isatty():
-        # Progress bars are for a terminal; in a log or a pipe, stderr keeps only timing and errors.
-        hf_logging.disable_progress_bar()
-    try:
-        run(args)
-    except LoRAError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
-    return 0
+    def body() -> None:
+        set_hpu_mode_first(args)        # before anything (transformers included) can import habana_frameworks
+        with hf_bars_on_a_terminal_only():
+            run(args)
+    return run_main(body)
 
 
 if __name__ == "__main__":

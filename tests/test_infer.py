@@ -13,7 +13,9 @@ from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsW
 
 from lora import LoRAConfig, LoRAError, apply_lora, save_adapter
 from lora.inference.generate import Sampling, filter_logits, generate, left_pad, position_ids_from_mask
-from lora.inference.complete import TextStream, complete, encode, format_prompt, load_model
+from lora.inference.complete import TextStream, complete
+from lora.inference.load import load_for_generation
+from lora.inference.prompts import encode, format_prompt
 from lora.demo.tokenizer import save_char_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +53,7 @@ def dirs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def adapted(dirs):
-    return load_model(dirs / "base", dirs / "adapter")
+    return load_for_generation(dirs / "base", dirs / "adapter")
 
 
 def ids(tokenizer, texts):
@@ -146,17 +148,17 @@ def test_adapter_equals_merge_and_merged_checkpoint(dirs, adapted, tmp_path):
     model, tok = adapted
     prompts = ids(tok, PROMPTS)
     want = generate(model, prompts, 12, eos_token_id=()).tokens
-    base, _ = load_model(dirs / "base")
+    base, _ = load_for_generation(dirs / "base")
     assert generate(base, prompts, 12, eos_token_id=()).tokens != want       # the adapter matters
-    merged_here, _ = load_model(dirs / "base", dirs / "adapter", merge=True)
+    merged_here, _ = load_for_generation(dirs / "base", dirs / "adapter", merge=True)
     assert generate(merged_here, prompts, 12, eos_token_id=()).tokens == want
     merge_checkpoint(dirs / "base", dirs / "adapter", tmp_path / "merged", progress=False)
-    merged_saved, _ = load_model(tmp_path / "merged")
+    merged_saved, _ = load_for_generation(tmp_path / "merged")
     assert generate(merged_saved, prompts, 12, eos_token_id=()).tokens == want
 
 
 def test_prompt_formats(dirs, tmp_path):
-    _, tok = load_model(dirs / "base")
+    _, tok = load_for_generation(dirs / "base")
     assert format_prompt(tok, "hi", fmt="guanaco") == "### Human: hi ### Assistant:"
     with pytest.raises(LoRAError, match="no chat template"):
         format_prompt(tok, "hi", chat_template=True)

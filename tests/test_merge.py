@@ -1,7 +1,6 @@
 """merge_checkpoint / merge.py: exact one-rounding merge, bit-identical copies, crash safety, bad input."""
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -16,7 +15,8 @@ from safetensors.torch import load_file, save_file
 import lora
 from lora.core.delta import Term
 from lora import LoRAConfig, LoRAError
-from lora.merging.streaming import VerifyError, merge_checkpoint
+from lora.merging.streaming import merge_checkpoint
+from lora.merging.verify import VerifyError
 from conftest import tiny_llama_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -230,13 +230,33 @@ def test_dtype_converts_every_float_tensor_and_config(work, tmp_path):
 
 
 # -- crash safety, overwrite, verify ------------------------------------------------------------
+# Runs a merge that signals `ready` (creates the file) and then sleeps once its first tensor's bytes
+# are written, so that a SIGKILL lands mid-merge: the shard writes are wrapped, not the package.
+HOLD_AFTER_FIRST_TENSOR = """
+import sys, time
+from pathlib import Path
+import lora.merging.writer as writer
+from lora.merging.streaming import merge_checkpoint
+base, adapter, out, ready = sys.argv[1:]
+
+def hold_after(write):                           # write_all(fd, data) or copy_bytes(src, dst, ...)
+    def wrapped(*args):
+        write(*args)
+        if not isinstance(args[1], bytes):       # a tensor's bytes (merged or copied), not a shard header
+            Path(ready).touch()
+            time.sleep(600)
+    return wrapped
+
+writer.write_all, writer.copy_bytes = hold_after(writer.write_all), hold_after(writer.copy_bytes)
+merge_checkpoint(base, adapter, out, progress=False)
+"""
+
+
 def test_sigkill_mid_merge_leaves_no_out_and_next_run_cleans_up(work, tmp_path):
     out, ready = tmp_path / "out", tmp_path / "ready"
-    code = ("import sys; from lora.merging.streaming import merge_checkpoint; "
-            "merge_checkpoint(sys.argv[1], sys.argv[2], sys.argv[3], progress=False)")
-    env = dict(os.environ, LORA_MERGE_TEST_HOLD=str(ready))
-    proc = subprocess.Popen([sys.executable, "-c", code, str(work["sharded"]), str(work["sharded_adapter"]), str(out)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_AFTER_FIRST_TENSOR, str(work["sharded"]),
+                             str(work["sharded_adapter"]), str(out), str(ready)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120
         while not ready.exists():
@@ -279,9 +299,9 @@ def test_a_merge_killed_between_its_renames_leaves_out_to_force(work, tmp_path):
 
 
 def test_verify_catches_a_wrong_merge_and_writes_nothing(work, tmp_path, monkeypatch):
-    import lora.merging.streaming as mc
-    right = mc.merged_weight
-    monkeypatch.setattr(mc, "merged_weight",                   # a merge with a 1% scaling error
+    import lora.merging.writer as writer
+    right = writer.merged_weight
+    monkeypatch.setattr(writer, "merged_weight",                   # a merge with a 1% scaling error
                         lambda W, terms, *args: right(W, [Term(u.lora_A, u.lora_B, u.scaling * 1.01, u.weight)
                                                           for u in terms], *args))
     out = tmp_path / "out"

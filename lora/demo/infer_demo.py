@@ -10,17 +10,18 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .task import heldout_examples
-from ..inference.generate import Sampling
-from ..inference.complete import complete, load_model
 from ..core.inject import disable_adapter, merge_lora
+from ..inference.complete import complete
+from ..inference.generate import Sampling
+from ..inference.load import load_for_generation
+from .task import heldout_examples
 
 N_SHOWN = 8
 
 
-def run_demo(demo_dir: Path, args, sampling: Sampling) -> None:
-    model, tokenizer = load_model(demo_dir / "base", demo_dir / "adapter", merge=False, device=args.device,
-                                  dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+def run_infer_demo(demo_dir: Path, args, sampling: Sampling) -> None:
+    model, tokenizer = load_for_generation(demo_dir / "base", demo_dir / "adapter", merge=False, device=args.device,
+                                           dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     examples = heldout_examples(N_SHOWN)
     prompts = [e["prompt"] for e in examples]
     # Enough for the longest expected answer and its </s>: the random base never stops by itself.

@@ -16,7 +16,6 @@ same math up to float rounding (tests check the chosen tokens are identical).
 """
 from __future__ import annotations
 
-import inspect
 import math
 import time
 from dataclasses import dataclass, field
@@ -123,12 +122,6 @@ def next_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Gener
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _cache_kwarg(model: nn.Module) -> str:
-    """transformers 5 names the forward's cache argument `cache`; 4.x named it `past_key_values`."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
 def _sync(device: torch.device) -> None:
     """Wait for queued device work, so that wall-clock times are real (no-op where there is none)."""
     mod = getattr(torch, device.type, None)
@@ -136,18 +129,26 @@ def _sync(device: torch.device) -> None:
         mod.synchronize()
 
 
-def _model_eos(model: nn.Module) -> list[int]:
-    for src in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+def eos_ids(model: nn.Module, tokenizer=None) -> set[int]:
+    """Every id that ends a reply: the model's generation_config and config EOS (Llama 3 has several)
+    and the tokenizer's, when given."""
+    ids = set()
+    for src in (getattr(model, "generation_config", None), getattr(model, "config", None), tokenizer):
         value = getattr(src, "eos_token_id", None)
-        if value is not None:
-            return [value] if isinstance(value, int) else list(value)
-    return []
+        if isinstance(value, int):
+            ids.add(value)
+        elif value:
+            ids.update(int(v) for v in value)
+    return ids
 
 
-def context_length(model: nn.Module) -> int | None:
-    """The longest sequence the model was built for (max_position_embeddings), if it says."""
-    cfg = getattr(model, "config", None)
-    return getattr(cfg, "max_position_embeddings", None) if cfg is not None else None
+def check_context(model: nn.Module, prompt_tokens: int, max_new_tokens: int, prompt: str = "prompt") -> None:
+    """A one-line error when `prompt` (prompt_tokens long) + max_new_tokens do not fit the longest
+    sequence the model was built for (config.max_position_embeddings, when it says)."""
+    ctx = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if ctx is not None and prompt_tokens + max_new_tokens > ctx:
+        raise LoRAError(f"{prompt} ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                        f"model's context of {ctx} tokens")
 
 
 @torch.no_grad()
@@ -157,7 +158,7 @@ def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int,
              on_token: Callable[[int, int], None] | None = None) -> Generated:
     """Generate up to `max_new_tokens` tokens after each prompt (lists of token ids).
 
-    eos_token_id None means the model's own (generation_config, else config); pass () to never stop
+    eos_token_id None means the model's own (eos_ids: generation_config and config); pass () to never stop
     early. on_token(row, token_id) is called for each new token as soon as it is chosen (not for the
     end-of-sequence id), e.g. to stream text. See the module docstring for the static-shape mode.
     """
@@ -169,13 +170,9 @@ def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int,
         raise LoRAError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if pad_to_multiple < 1:
         raise LoRAError(f"pad_to_multiple must be >= 1, got {pad_to_multiple}")
-    longest = max(len(p) for p in prompts)
-    ctx = context_length(model)
-    if ctx is not None and longest + max_new_tokens > ctx:
-        raise LoRAError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-                        f"context of {ctx} tokens")
+    check_context(model, max(len(p) for p in prompts), max_new_tokens)
     if eos_token_id is None:
-        eos_token_id = _model_eos(model)
+        eos_token_id = eos_ids(model)
     eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
 
     device = next(model.parameters()).device
@@ -196,7 +193,6 @@ def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int,
         step_mask = mask
     positions = position_ids_from_mask(mask)                                     # (B, T)
     next_position = positions[:, -1:] + 1                                        # (B, 1)
-    cache_kw = _cache_kwarg(model)
     generator = None
     if not sampling.greedy:
         # No seed: one drawn from torch's global generator, so torch.manual_seed still governs the run.
@@ -213,7 +209,7 @@ def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int,
     for step in range(max_new_tokens):
         out.shapes.add((tuple(step_ids.shape), tuple(step_mask.shape)))
         logits = model(input_ids=step_ids, attention_mask=step_mask, position_ids=step_positions,
-                       use_cache=True, logits_to_keep=1, **{cache_kw: cache}).logits[:, -1, :]   # (B, V)
+                       cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]     # (B, V)
         chosen = next_tokens(logits, sampling, generator).tolist()               # host sync
         for i, tok in enumerate(chosen):
             if done[i]:

@@ -102,6 +102,13 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
     return model
 
 
+def check_finite(t: torch.Tensor, key: str, source: str) -> None:
+    """A one-line error when `t` holds NaN or ±inf: such an adapter poisons every output it touches."""
+    bad = (~torch.isfinite(t)).sum().item()
+    if bad:
+        raise LoRAError(f"{source}: {key} holds {bad} non-finite value(s) (NaN or ±inf); refusing a poisoned adapter")
+
+
 @torch.no_grad()
 def load_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], source: str = "adapter") -> None:
     params = {}
@@ -120,5 +127,6 @@ def load_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], sou
             raise LoRAError(f"{source}: {key} has shape {tuple(t.shape)} but the model needs {tuple(p.shape)}")
         if not t.is_floating_point():
             raise LoRAError(f"{source}: {key} has dtype {t.dtype}, expected a float tensor")
+        check_finite(t, key, source)
     for key, p in params.items():
         p.copy_(tensors[key])

@@ -3,7 +3,7 @@ length, a JSON header {name: {dtype, shape, data_offsets}, "__metadata__": {...}
 bytes. Headers are parsed by hand and checked against the file size (a truncated file is caught before
 any work), tensors are read with `pread` into caller buffers and copied file-to-file by the kernel, so
 nothing here maps a whole shard into memory (as `safetensors.safe_open` would, counting towards RSS).
-Used by lora/merging/streaming.py.
+Used by lora/merging/ (the merge reads and writes checkpoints with it, never through safe_open).
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ ST_DTYPES = {
 }
 # Only these are merged into or converted by --dtype (fp8 weights come with scales we do not model).
 FLOAT_NAMES = {"F64", "F32", "F16", "BF16"}
+# merge's dtype names (merge.py --dtype, merge_checkpoint(dtype=…)) -> safetensors dtype name
 DTYPE_ARG = {
     "float32": "F32", "fp32": "F32", "float16": "F16", "fp16": "F16", "half": "F16",
     "bfloat16": "BF16", "bf16": "BF16",

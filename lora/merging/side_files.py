@@ -1,0 +1,40 @@
+"""The files beside the merged shards: the index, config.json, generation_config.json, tokenizer files.
+
+Every top-level file of the base that is not a weight file is copied byte for byte; only a new dtype
+changes one of them (config.json's dtype). Weights in another format are never copied: they would
+be the stale, unmerged ones.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from ..storage.safetensors_stream import INDEX_NAME, TORCH_NAME
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
+
+
+def write_index(index: dict, out_dir: Path, total_size: int) -> None:
+    """The base's model.safetensors.index.json (same weight_map: same shards), with the output's size."""
+    index = dict(index, metadata=dict(index.get("metadata") or {}, total_size=total_size))
+    (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def copy_side_files(base_dir: Path, out_dir: Path, dtype: str | None) -> list[str]:
+    """Every top-level non-weight file of `base_dir`; `dtype` (a safetensors name) is written into
+    config.json's dtype. Returns the names copied."""
+    copied = []
+    for p in sorted(base_dir.iterdir()):
+        if not p.is_file() or p.name.startswith(".") or p.name.endswith(_WEIGHT_SUFFIXES):
+            continue
+        if p.name == "config.json" and dtype is not None:
+            cfg = json.loads(p.read_text())
+            keys = [k for k in ("dtype", "torch_dtype") if k in cfg] or ["dtype"]
+            for k in keys:
+                cfg[k] = TORCH_NAME[dtype]
+            (out_dir / p.name).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        else:
+            shutil.copy2(p, out_dir / p.name)
+        copied.append(p.name)
+    return copied
