@@ -3,17 +3,19 @@
     adapter key  base_model.model.<module>.lora_{A,B}.weight   →   checkpoint tensor <module>.weight
 
 `plan_updates` checks every adapter against the base (keys, pairs, dtypes, shapes against `r` and
-`rank_pattern`) before any tensor is read; an `Update` reads its A and B only when its weight comes up.
+`rank_pattern`) from the headers, then reads each A and B once, one at a time, to refuse non-finite
+values before anything is written; an `Update` reads its A and B again when its weight comes up.
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.delta import Term
 from ..errors import LoRAError
-from ..storage.adapter import PREFIX, WEIGHTS_NAME, read_adapter_config, weights_path
+from ..storage.adapter import PREFIX, WEIGHTS_NAME, check_finite, read_adapter_config, weights_path
 from ..storage.safetensors_stream import FLOAT_NAMES, ST_DTYPES, Entry, pread_exact, read_shard_header
 
 _KEY = re.compile(rf"^{re.escape(PREFIX)}(.+)\.lora_([AB])\.weight$")
@@ -33,6 +35,16 @@ class Update:
         A, B = (pread_exact(fd, e.nbytes, e.begin, self.path).view(ST_DTYPES[e.dtype][1]).reshape(e.shape)
                 for e in (self.lora_A, self.lora_B))
         return Term(A, B, self.scaling, self.weight)
+
+    def check_finite(self) -> None:
+        """A one-line error naming the tensor when A or B holds NaN or ±inf."""
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            term = self.load(fd)
+        finally:
+            os.close(fd)
+        for e, t in ((self.lora_A, term.lora_A), (self.lora_B, term.lora_B)):
+            check_finite(t, e.name, str(self.path))
 
 
 def plan_updates(adapter_dirs: list[Path], weights: list[float],
@@ -75,4 +87,7 @@ def plan_updates(adapter_dirs: list[Path], weights: list[float],
                 raise LoRAError(f"{adapter_dir}: {lora_B.name} has shape {lora_B.shape} but base weight "
                                 f"{target.name} has shape {target.shape} (needs ({out_f}, {r}) at r={r})")
             plan.setdefault(target.name, []).append(Update(path, lora_A, lora_B, config.scaling_for(module), w))
+    for updates in plan.values():
+        for u in updates:
+            u.check_finite()
     return plan

@@ -21,13 +21,17 @@ def write_index(index: dict, out_dir: Path, total_size: int) -> None:
     (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
+def side_files(base_dir: Path) -> list[Path]:
+    """The top-level files of `base_dir` that are copied: every one but weights and hidden files."""
+    return [p for p in sorted(base_dir.iterdir())
+            if p.is_file() and not p.name.startswith(".") and not p.name.endswith(_WEIGHT_SUFFIXES)]
+
+
 def copy_side_files(base_dir: Path, out_dir: Path, dtype: str | None) -> list[str]:
-    """Every top-level non-weight file of `base_dir`; `dtype` (a safetensors name) is written into
-    config.json's dtype. Returns the names copied."""
+    """Every file of side_files(base_dir); `dtype` (a safetensors name) is written into config.json's
+    dtype. Returns the names copied."""
     copied = []
-    for p in sorted(base_dir.iterdir()):
-        if not p.is_file() or p.name.startswith(".") or p.name.endswith(_WEIGHT_SUFFIXES):
-            continue
+    for p in side_files(base_dir):
         if p.name == "config.json" and dtype is not None:
             cfg = json.loads(p.read_text())
             keys = [k for k in ("dtype", "torch_dtype") if k in cfg] or ["dtype"]

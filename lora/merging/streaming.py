@@ -13,15 +13,18 @@ the adapters' A and B are read only when their weight comes up (plan.py), and ea
 as a stream (writer.py). `safetensors.safe_open` is not used because its mmap pages would count
 towards RSS, up to a whole shard.
 
-Crash safety: everything is checked before anything is written, then written into a temporary
-directory beside `out_dir` (lora.storage.atomic.atomic_dir) that is renamed into place at the end,
-after `verify` (verify.py) when asked.
+Failure safety: everything is checked before anything is written (the inputs, the adapters' values,
+the free space on `out_dir`'s file system), and one merge at a time holds `out_dir`
+(lora/storage/lock.py). The output is written into a temporary directory beside `out_dir`
+(lora.storage.atomic.atomic_dir) and renamed into place at the end, after `verify` (verify.py) when
+asked: a crash, a signal, a full disk or a failed check leaves `out_dir` as it was.
 """
 from __future__ import annotations
 
 import contextlib
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,12 +32,14 @@ from pathlib import Path
 import torch
 
 from ..core.delta import Workspace
-from ..errors import LoRAError
+from ..errors import LoRAError, LoRAFailure
 from ..runtime.progress import Progress
+from ..runtime.signals import Interrupted
 from ..storage.atomic import atomic_dir, clean_stale
+from ..storage.lock import OutputLock
 from ..storage.safetensors_stream import DTYPE_ARG, read_checkpoint, shard_header
 from .plan import plan_updates
-from .side_files import copy_side_files, write_index
+from .side_files import copy_side_files, side_files, write_index
 from .verify import verify_merged
 from .writer import Writer, write_shard
 
@@ -71,6 +76,36 @@ def _check_paths(base_dir: Path, adapter_dirs: list[Path], out_dir: Path, force:
         raise LoRAError(f"{out_dir} already exists (pass --force / force=True to replace it)")
     if out_dir.exists() and not out_dir.is_dir():
         raise LoRAError(f"{out_dir} exists and is not a directory")
+
+
+def _check_free_space(out_dir: Path, needed: int) -> None:
+    """The whole output must fit beside what is there now (a replaced `out_dir` goes only at the end)."""
+    where = next(p for p in [out_dir, *out_dir.parents] if p.exists())
+    free = shutil.disk_usage(where).free
+    if needed > free:
+        raise LoRAFailure(f"--out {out_dir}: the merged checkpoint needs {needed / 1e6:,.1f} MB and its file system "
+                          f"has {free / 1e6:,.1f} MB free; nothing written")
+
+
+@contextlib.contextmanager
+def _interrupt_note(out_dir: Path):
+    """A signal during the merge says what it kept: nothing (the temporary output is removed)."""
+    try:
+        yield
+    except Interrupted as e:
+        raise Interrupted(e.signum, f"nothing written, {out_dir} left as it was") from None
+
+
+@contextlib.contextmanager
+def _named_as_output(tmp: Path, out_dir: Path):
+    """An OS error on a file of the temporary output names the file it was to become in `out_dir`."""
+    try:
+        yield
+    except OSError as e:
+        name = str(e.filename or "")
+        if name.startswith(str(tmp)):
+            raise OSError(e.errno, e.strerror, str(out_dir) + name[len(str(tmp)):]) from None
+        raise
 
 
 def merge_checkpoint(base_dir, adapter_dirs, out_dir, weights=None, dtype=None, force: bool = False,
@@ -116,10 +151,13 @@ def merge_checkpoint(base_dir, adapter_dirs, out_dir, weights=None, dtype=None, 
     plan = plan_updates(adapter_dirs, weights, entries)
 
     sizes = [shard_header(s, out_dt)[1] for s in shards]
-    bar = Progress(sum(t.nbytes for t in entries.values()), "merge", "B", enabled=progress, unit_scale=True)
+    _check_free_space(out_dir, sum(sizes) + sum(p.stat().st_size for p in side_files(base_dir)))
+
     report = MergeReport(out_dir, len(entries), len(plan), 0, 0.0)
-    try:
-        with atomic_dir(out_dir) as tmp:
+    with OutputLock(out_dir), _interrupt_note(out_dir):
+        _check_paths(base_dir, adapter_dirs, out_dir, force)      # again: another merge may have just ended
+        bar = Progress(sum(t.nbytes for t in entries.values()), "merge", "B", enabled=progress, unit_scale=True)
+        with contextlib.closing(bar), atomic_dir(out_dir) as tmp, _named_as_output(tmp, out_dir):
             with contextlib.ExitStack() as stack, Writer(bar, len(entries)) as writer:
                 adapter_fds, ws = {}, Workspace()
                 for path in {u.path for ups in plan.values() for u in ups}:
@@ -138,6 +176,4 @@ def merge_checkpoint(base_dir, adapter_dirs, out_dir, weights=None, dtype=None, 
                 report.max_abs_diff, report.tolerance, report.adapter_effect = verify_merged(
                     base_dir, adapter_dirs, weights, tmp)
                 report.verify_seconds = time.monotonic() - t1
-    finally:
-        bar.close()
     return report

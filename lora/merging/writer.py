@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..core.delta import Workspace, merged_weight
+from ..errors import LoRAFailure
 from ..runtime.progress import Progress
 from ..storage.safetensors_stream import ST_DTYPES, Shard, copy_bytes, out_dtype, pread_exact, shard_header, write_all
 from .plan import Update
@@ -38,13 +39,22 @@ class Writer:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-writer")
         self.pending: collections.deque[Future] = collections.deque()
         self.slots = [(None, None), (None, None)]      # (buffer, future of the write that reads it)
-        self.turn, self.fds = 0, set()
+        self.turn, self.paths = 0, {}                    # open fd -> its file, for error messages
         self.progress, self.n_tensors, self.tensors_done = progress, n_tensors, 0
 
-    def submit(self, fn, *args) -> Future:
+    def submit(self, fn, *args, fd: int | None = None) -> Future:
+        """Queue fn(*args); an OSError it raises names the file of `fd` (os.write's errors name none)."""
         while self.pending and self.pending[0].done():
             self.pending.popleft().result()             # surface a failed write now
-        future = self.pool.submit(fn, *args)
+
+        def job():
+            try:
+                fn(*args)
+            except OSError as e:
+                if e.filename is None and fd in self.paths:
+                    raise OSError(e.errno, e.strerror, str(self.paths[fd])) from None
+                raise
+        future = self.pool.submit(job)
         self.pending.append(future)
         return future
 
@@ -73,12 +83,12 @@ class Writer:
         def job():
             write_all(fd, t)
             self.advance(nbytes, tensor_done)
-        self.slots[self.turn] = (self.slots[self.turn][0], self.submit(job))
+        self.slots[self.turn] = (self.slots[self.turn][0], self.submit(job, fd=fd))
         self.turn ^= 1
 
     def open(self, path: Path, flags: int) -> int:
         fd = os.open(path, flags, 0o644)
-        self.fds.add(fd)
+        self.paths[fd] = path
         return fd
 
     def close_fds(self, *fds: int, sync: int | None = None) -> None:
@@ -87,16 +97,16 @@ class Writer:
             if sync is not None:
                 os.fsync(sync)
             for fd in fds:
-                self.fds.discard(fd)
+                self.paths.pop(fd, None)
                 os.close(fd)
-        self.submit(job)
+        self.submit(job, fd=sync)
 
     def __enter__(self):
         return self
 
     def __exit__(self, exc_type, *_):
         self.pool.shutdown(wait=True, cancel_futures=exc_type is not None)
-        for fd in self.fds:
+        for fd in self.paths:
             os.close(fd)
         if exc_type is None:
             while self.pending:
@@ -111,7 +121,7 @@ def write_shard(shard: Shard, out_path: Path, plan: dict[str, list[Update]], ada
     header, _ = shard_header(shard, dtype)
     src = writer.open(shard.path, os.O_RDONLY)
     dst = writer.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-    writer.submit(write_all, dst, header)
+    writer.submit(write_all, dst, header, fd=dst)
     for t in shard.entries:
         out = out_dtype(t, dtype)
         if t.name in plan:
@@ -119,6 +129,7 @@ def write_shard(shard: Shard, out_path: Path, plan: dict[str, list[Update]], ada
             W = raw.view(ST_DTYPES[t.dtype][1]).view(t.shape)
             terms = [u.load(adapter_fds[u.path]) for u in plan[t.name]]
             merged = merged_weight(W, terms, ST_DTYPES[out][1], ws, writer.buffer(t.shape, ST_DTYPES[out][1]))
+            check_merged_finite(t.name, merged, W)
             writer.write_tensor(dst, merged, t.nbytes, True)
         elif out != t.dtype:                        # a new dtype: convert element-wise, chunk by chunk
             size, src_dt, out_dt = ST_DTYPES[t.dtype][0], ST_DTYPES[t.dtype][1], ST_DTYPES[out][1]
@@ -132,5 +143,14 @@ def write_shard(shard: Shard, out_path: Path, plan: dict[str, list[Update]], ada
             def copy(t=t):
                 copy_bytes(src, dst, t.begin, t.nbytes, shard.path, lambda k: writer.advance(k, False))
                 writer.advance(0, True)
-            writer.submit(copy)
+            writer.submit(copy, fd=dst)
     writer.close_fds(src, dst, sync=dst)
+
+
+def check_merged_finite(name: str, merged: torch.Tensor, W: torch.Tensor) -> None:
+    """A merge never writes NaN or ±inf into a weight that had none (an update too large for the
+    output dtype overflows to inf). One pass over the merged weight; W is read only if that fails."""
+    if not bool(torch.isfinite(merged).all()) and bool(torch.isfinite(W).all()):
+        bad = (~torch.isfinite(merged)).sum().item()
+        raise LoRAFailure(f"{name}: the merged weight has {bad} non-finite value(s) where the base had none "
+                          f"(the update overflows {merged.dtype}); nothing written")

@@ -40,9 +40,12 @@ class OutputLock:
     def acquire(self) -> "OutputLock":
         if fcntl is None:
             return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        while True:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:                 # a read-only or full file system, no permission: say where
+            raise OSError(e.errno, e.strerror, str(self.target)) from None
+        while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -57,9 +60,14 @@ class OutputLock:
             if same:
                 break
             os.close(fd)                 # the previous holder removed the file we opened: again
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         self.fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError as e:
+            self.release()
+            raise OSError(e.errno, e.strerror, str(self.target)) from None
         return self
 
     def release(self) -> None:
