@@ -5,7 +5,7 @@ Providers, all timed in one run on the same inputs:
   peft_style  PEFT's unfused graph base(x) + lora_B(lora_A(dropout(x))) · scaling (real peft.tuners.lora.Linear
               when peft is installed, else the same graph written out in torch)
   fused       lora.kernels.lora_linear: the Triton kernels (CUDA only)
-  torch_op    lora.core.functional's plain autograd op (addmm epilogue): the CPU path; on CPU it stands in
+  torch_op    lora.core.op's plain autograd op (addmm epilogue): the CPU path; on CPU it stands in
               for `fused`, and is labelled as what it is
 
 Shapes are Llama-3-8B's projections (K = in, N = out; o_proj ≡ q_proj, v_proj ≡ k_proj and
@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from lora.storage.atomic import atomic_write_text  # noqa: E402
 from lora.errors import LoRAError  # noqa: E402
-from lora.core.functional import lora_linear_torch  # noqa: E402
+from lora.core.op import lora_linear_torch  # noqa: E402
 
 # (shape_name, K = in_features, N = out_features)
 LLAMA3_8B = [("q_proj", 4096, 4096), ("k_proj", 4096, 1024), ("gate_proj", 4096, 14336), ("down_proj", 14336, 4096)]
@@ -300,7 +300,7 @@ def main(argv=None) -> int:
     md = table(records)
     note = ""
     if args.quick:
-        note = ("CPU quick run: `torch_op` is lora.core.functional's plain autograd op (the CPU path), not the "
+        note = ("CPU quick run: `torch_op` is lora.core.op's plain autograd op (the CPU path), not the "
                 "Triton kernels; `fused` needs a CUDA GPU.\n\n")
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(records, indent=1) + "\n")

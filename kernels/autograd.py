@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from lora.core.functional import input_recipe    # absolute: this package may be imported as `kernels`
+from lora.core.op import input_recipe    # absolute: this package may be imported as `kernels`
 from lora.core.recompute import recompute
 from lora.runtime.seed import new_seed
 from . import launch

@@ -19,8 +19,7 @@ sys.path.insert(0, str(HERE.parent))
 import torch  # noqa: E402
 
 import lora.runtime.device  # noqa: E402  (imports no habana module)
-import lora.core.functional  # noqa: E402
-import lora.core.group  # noqa: E402
+import lora.core.op  # noqa: E402  (the one module that draws LoRA dropout seeds on the host)
 
 lora.runtime.device.HPU_TORCH_DEVICE = torch.device("cpu")
 
@@ -66,7 +65,7 @@ class autocast(_autocast):
 
 
 torch.autocast = autocast
-_new_seed = lora.core.functional.new_seed
+_new_seed = lora.core.op.new_seed
 
 
 def new_seed():
@@ -74,7 +73,7 @@ def new_seed():
     return _new_seed()
 
 
-lora.core.functional.new_seed = lora.core.group.new_seed = new_seed
+lora.core.op.new_seed = new_seed
 
 
 def main():

@@ -17,6 +17,7 @@ from lora import LoRAConfig, LoRAError
     (dict(alpha_pattern={"q_proj": -1}), r"alpha_pattern\['q_proj'\]"),
     (dict(layers_to_transform=[-1]), "layers_to_transform"),
     (dict(init_lora_weights="pissa"), "init_lora_weights"),
+    (dict(init_lora_weights=1), "init_lora_weights must be True, False or 'gaussian', got 1"),
     (dict(bias="all"), "bias='all' is not supported"),
 ])
 def test_validation_messages_are_one_line(kwargs, message):

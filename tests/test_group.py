@@ -7,9 +7,11 @@ import torch.nn as nn
 
 import lora
 from lora import LoRAConfig, LoRALinear
-from lora.core.functional import dropout_scale
-from lora.core.group import GroupedLoRAFunction, SharedInputGroup
+from lora.core.dropout import dropout_scale
+from lora.core.group import SharedInputGroup
+from lora.core.op import LoRAFunction, lora_group_torch, lora_linear_torch
 from test_inject import randomize_B
+from test_layer import ROUNDINGS, assert_bf16_close, bf16_exact_, fp32_run
 
 
 def members(bias=(True, False, True), ranks=(3, 5, 2), outs=(29, 13, 13), inp=45, dtype=torch.float64):
@@ -19,8 +21,8 @@ def members(bias=(True, False, True), ranks=(3, 5, 2), outs=(29, 13, 13), inp=45
 
 
 def apply_group(ms, x, p, seed):
-    return GroupedLoRAFunction.apply(x, p, seed, tuple(m.scaling for m in ms), None, *[m.weight for m in ms],
-                                     *[m.bias for m in ms], *[m.lora_A for m in ms], *[m.lora_B for m in ms])
+    return lora_group_torch(x, [m.weight for m in ms], [m.bias for m in ms], [m.lora_A for m in ms],
+                            [m.lora_B for m in ms], [m.scaling for m in ms], p, seed=seed)
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3])
@@ -75,13 +77,14 @@ def test_model_with_groups_equals_model_without(tiny_llama, token_ids, monkeypat
     randomize_B(plain)
     grouped.load_state_dict(plain.state_dict())
     calls = []
-    real = GroupedLoRAFunction.apply
-    monkeypatch.setattr(GroupedLoRAFunction, "apply", lambda *a: calls.append(1) or real(*a))
+    real = LoRAFunction.apply
+    monkeypatch.setattr(LoRAFunction, "apply", lambda *a: calls.append(len(a[3])) or real(*a))   # a[3]: the scalings
     for m in (plain, grouped):
         m.train()
     lp = plain(token_ids, labels=token_ids)
     lg = grouped(token_ids, labels=token_ids)
-    assert len(calls) == 2 * 3                        # one per (q,k,v) and per (gate,up) in 3 layers
+    # per layer: plain, one op per projection; grouped, (q,k,v), o, (gate,up), down
+    assert calls == [1] * 7 * 3 + [3, 1, 2, 1] * 3
     torch.testing.assert_close(lg.logits, lp.logits, rtol=1e-5, atol=1e-5)
     lp.loss.backward()
     lg.loss.backward()
@@ -114,10 +117,63 @@ def test_groups_never_hand_out_a_stale_output():
     torch.testing.assert_close(q(x1), nn.functional.linear(x1, q.weight, q.bias))
 
 
-def test_group_under_autocast_bf16(tiny_llama, token_ids):
-    lora.apply_lora(tiny_llama, LoRAConfig(r=4))
-    randomize_B(tiny_llama)
-    ref = tiny_llama(token_ids).logits
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_grouped_op_in_bf16_matches_the_ungrouped_op_and_an_fp32_run(p):
+    """q/k/v in bf16, grouped and one op per member (the same seed draws the same mask), against the
+    formula run in fp32 on the same values (values bf16 holds: every difference is a rounding)."""
+    ms = [bf16_exact_(m) for m in members(dtype=torch.float32)]
+    x = torch.randn(37, 45).bfloat16()
+    dys = [torch.randn(37, m.out_features).bfloat16() for m in ms]
+    seed = 77
+    mask = dropout_scale(x, p, seed).float() if p > 0 else None
+    refs = [fp32_run(x, m.weight, m.bias, m.lora_A, m.lora_B, m.scaling, dy, mask) for m, dy in zip(ms, dys)]
+    ref = {"y": [r[0] for r in refs], "dX": [sum(r[1] for r in refs)],
+           "dA": [r[2] for r in refs], "dB": [r[3] for r in refs]}
+    runs = {}
+    for grouped in (True, False):
+        xs = x.clone().requires_grad_()
+        ps = [(m.weight.bfloat16(), None if m.bias is None else m.bias.bfloat16(),
+               m.lora_A.detach().bfloat16().requires_grad_(), m.lora_B.detach().bfloat16().requires_grad_())
+              for m in ms]
+        W, b, A, B = zip(*ps)
+        scalings = [m.scaling for m in ms]
+        if grouped:
+            ys = lora_group_torch(xs, W, b, A, B, scalings, p, seed=seed)
+        else:
+            ys = [lora_linear_torch(xs, *t, s, p, seed=seed) for t, s in zip(ps, scalings)]
+        torch.autograd.backward(ys, dys)
+        assert all(t.dtype == torch.bfloat16 for t in (*ys, xs.grad, *(t.grad for t in A)))
+        runs[grouped] = {"y": ys, "dX": [xs.grad], "dA": [t.grad for t in A], "dB": [t.grad for t in B]}
+    # Roundings per result: test_layer.ROUNDINGS, plus with dropout the 1/(1 − p) on S (y, dB) or dS
+    # (dX, dA); dX has n − 1 more: grouped, one `+= dY_i W_i` a member; ungrouped, autograd's sums of
+    # the n members' bf16 dX.
+    k = {name: v + (p > 0) for name, v in ROUNDINGS.items()}
+    k["dX"] += len(ms) - 1
+    for name, wants in ref.items():
+        for i, want in enumerate(wants):
+            for grouped in (True, False):
+                assert_bf16_close(runs[grouped][name][i], want, k[name], f"{name}[{i}] grouped={grouped}")
+            # The two differ at most in all of their roundings.
+            assert_bf16_close(runs[True][name][i], runs[False][name][i], 2 * k[name], f"{name}[{i}] grouped vs not")
+
+
+def test_groups_under_bf16_autocast_match_the_fp32_run_and_the_ungrouped_model(tiny_llama, token_ids):
+    """Logits under bf16 autocast, parameters that bf16 holds: against the same grouped model in fp32
+    within the model's bf16 roundings, and against the ungrouped model within the shrink's."""
+    bf16_exact_(tiny_llama)
+    cfg = LoRAConfig(r=4, rank_pattern={"k_proj": 2}, alpha_pattern={"up_proj": 3})
+    plain = lora.apply_lora(copy.deepcopy(tiny_llama), cfg, group_shared_inputs=False)
+    randomize_B(plain, seed=3)
+    bf16_exact_(plain)
+    grouped = lora.apply_lora(tiny_llama, cfg)
+    grouped.load_state_dict(plain.state_dict())
+    ref = grouped(token_ids).logits
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = tiny_llama(token_ids).logits
-    torch.testing.assert_close(out.float(), ref, rtol=0.1, atol=0.1)
+        out, out_plain = grouped(token_ids).logits, plain(token_ids).logits
+    assert out.dtype == torch.bfloat16
+    # The longest bf16 path rounds 14 times a decoder layer (the norm's output cast, q, RoPE's three ops,
+    # q·kᵀ, softmax, ·V, o_proj; the norm's output cast, gate, silu, ⊙ up, down), then twice more
+    # (the final norm's output cast, lm_head).
+    assert_bf16_close(out, ref, 3 * 14 + 2, "logits vs fp32")
+    # Grouping changes no rounding of the forward but, at most, the shared shrink's S: one a layer.
+    assert_bf16_close(out, out_plain, 3, "logits vs ungrouped")

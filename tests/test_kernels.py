@@ -324,8 +324,10 @@ def test_triton_op_rebuilds_a_product_input_bit_for_bit(p):
 
 
 def test_package_contract():
+    from lora.core import backend
     assert lora.kernels.AVAILABLE is True
     assert not hasattr(lora.kernels, "__version__")
+    assert backend._triton_available() is True          # what backend "auto" asks on CUDA
 
 
 def test_bench_quick_writes_records(tmp_path):

@@ -1,10 +1,12 @@
-"""LoRALinear and the plain autograd op against float64 references."""
+"""LoRALinear and the plain autograd op (lora/core/op.py) against float64 references, and in bf16
+against fp32 runs within the op's own roundings."""
 import pytest
 import torch
 import torch.nn as nn
 
-from lora import LoRALinear
-from lora.core.functional import LoRALinearFunction, dropout_scale, dropped_positions
+from lora import LoRAConfig, LoRAError, LoRALinear
+from lora.core.dropout import dropout_scale, dropped_positions
+from lora.core.op import lora_linear_torch
 
 
 def make_layer(inp=45, out=29, r=5, alpha=7.0, bias=True, dtype=torch.float32, dropout=0.0, init=False):
@@ -12,12 +14,40 @@ def make_layer(inp=45, out=29, r=5, alpha=7.0, bias=True, dtype=torch.float32, d
     return LoRALinear(base, r=r, alpha=alpha, dropout=dropout, init_lora_weights=init)
 
 
-def reference(x, W, b, A, B, s, mask=None):
-    """y = x Wᵀ + b + s (dropout(x) Aᵀ) Bᵀ in float64."""
-    x, W, A, B = (t.double() for t in (x, W, A, B))
-    xd = x if mask is None else x * mask.double()
+def reference(x, W, b, A, B, s, mask=None, dtype=torch.float64):
+    """y = x Wᵀ + b + s (dropout(x) Aᵀ) Bᵀ by plain ops in `dtype` (float64 unless told)."""
+    x, W, A, B = (t.to(dtype) for t in (x, W, A, B))
+    xd = x if mask is None else x * mask.to(dtype)
     y = x @ W.T + s * (xd @ A.T) @ B.T
-    return y + b.double() if b is not None else y
+    return y + b.to(dtype) if b is not None else y
+
+
+def fp32_run(x, W, b, A, B, s, dy, mask=None):
+    """(y, dX, dA, dB) of the formula by autograd in fp32: the op under test is not involved."""
+    x, A, B = (t.detach().float().requires_grad_() for t in (x, A, B))
+    y = reference(x, W, b, A, B, s, mask, dtype=torch.float32)
+    y.backward(dy.float())
+    return y.detach(), x.grad, A.grad, B.grad
+
+
+# bf16's unit roundoff u = eps/2: rounding a value to bf16 moves it by at most u·|value|.
+BF16_U = torch.finfo(torch.bfloat16).eps / 2
+# The op's roundings to bf16 on the longest path to each result, from inputs bf16 holds exactly:
+#   y:  S = x Aᵀ, s · S, b + s · S Bᵀ, += x Wᵀ          dX: dY B, s · (dY B), dS A, += dY W
+#   dA: dY B, s · (dY B), dSᵀ x                          dB: x Aᵀ, s · S, dYᵀ S
+ROUNDINGS = {"y": 4, "dX": 4, "dA": 3, "dB": 3}
+
+
+def assert_bf16_close(got, ref, roundings: int, what: str = ""):
+    """‖got − ref‖ ≤ 2 · √(k/3) · u · ‖ref‖ for a result that k roundings to bf16 separate from `ref`
+    (the same value from the same inputs in fp32). One rounding is a relative error spread evenly over
+    ±u (RMS u/√3) of a value of about the result's magnitude; k independent ones add in quadrature; 2
+    is the margin. The fp32 accumulation inside each GEMM (≤ K · 2⁻²⁴ relative for a reduction of
+    length K ≤ 100 here) is far below one rounding. A per-element worst case (k · u · |value|) would
+    hide a 1% error (2.6 u) entirely."""
+    err, size = (got.double() - ref.double()).norm(), ref.double().norm()
+    bound = 2 * (roundings / 3) ** 0.5 * BF16_U * size
+    assert err <= bound, f"{what}: ‖got − ref‖ = {err:.3g} > {bound:.3g} ({err / (BF16_U * size):.2f} u · ‖ref‖)"
 
 
 @pytest.mark.parametrize("shape", [(37, 45), (3, 13, 45)])
@@ -48,11 +78,11 @@ def test_gradcheck_float64():
     layer.lora_A.data = layer.lora_A.data.double()
     layer.lora_B.data = layer.lora_B.data.double()
     x = torch.randn(2, 5, 9, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, A, B: LoRALinearFunction.apply(
-        x, layer.weight, layer.bias, A, B, layer.scaling, 0.0, 0), (x, layer.lora_A, layer.lora_B))
+    assert torch.autograd.gradcheck(lambda x, A, B: lora_linear_torch(
+        x, layer.weight, layer.bias, A, B, layer.scaling, 0.0), (x, layer.lora_A, layer.lora_B))
     # With dropout: a fixed seed makes the op deterministic, so gradcheck applies too.
-    assert torch.autograd.gradcheck(lambda x, A, B: LoRALinearFunction.apply(
-        x, layer.weight, layer.bias, A, B, layer.scaling, 0.3, 1234), (x, layer.lora_A, layer.lora_B))
+    assert torch.autograd.gradcheck(lambda x, A, B: lora_linear_torch(
+        x, layer.weight, layer.bias, A, B, layer.scaling, 0.3, seed=1234), (x, layer.lora_A, layer.lora_B))
 
 
 def test_dropout_uses_the_same_mask_in_forward_and_backward():
@@ -60,7 +90,7 @@ def test_dropout_uses_the_same_mask_in_forward_and_backward():
     layer = make_layer()
     x = torch.randn(31, 45, requires_grad=True)
     p, seed = 0.4, 98765
-    y = LoRALinearFunction.apply(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling, p, seed)
+    y = lora_linear_torch(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling, p, seed=seed)
     dy = torch.randn_like(y)
     y.backward(dy)
     mask = dropout_scale(x.detach(), p, seed)
@@ -101,21 +131,33 @@ def test_zero_B_is_the_base_layer_bit_for_bit():
     assert torch.equal(layer(x), expected)
 
 
-def test_bf16_base_with_fp32_adapter_and_autocast():
+def bf16_exact_(layer):
+    """Round every parameter to a value bf16 holds, in place: casting it to bf16 is then exact."""
+    with torch.no_grad():
+        for t in layer.parameters():
+            t.copy_(t.bfloat16())
+    return layer
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_bf16_matches_an_fp32_run_within_the_ops_roundings(autocast):
+    """A bf16 base with an fp32 adapter (cast to bf16 by the layer), and an fp32 layer under bf16
+    autocast: output and every grad against the formula run in fp32 on the same values. The inputs are
+    values bf16 holds, so every difference is one of the op's own roundings (ROUNDINGS)."""
     torch.manual_seed(6)
-    layer = make_layer(dtype=torch.bfloat16)
-    assert layer.lora_A.dtype == torch.float32 and layer.weight.dtype == torch.bfloat16
-    x = torch.randn(10, 45, dtype=torch.bfloat16)
-    y = layer(x)
+    layer = bf16_exact_(make_layer(dtype=torch.float32 if autocast else torch.bfloat16))
+    assert layer.lora_A.dtype == torch.float32
+    x = torch.randn(37, 45).bfloat16()
+    dy = torch.randn(37, 29).bfloat16()
+    ref = fp32_run(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling, dy)
+    x = x.float().requires_grad_() if autocast else x.requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = layer(x)
     assert y.dtype == torch.bfloat16
-    ref = reference(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling)
-    torch.testing.assert_close(y.double(), ref, rtol=3e-2, atol=3e-2)
-    layer32 = make_layer()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = layer32(x.float())
-    assert y.dtype == torch.bfloat16
-    y.float().sum().backward()
-    assert layer32.lora_A.grad.dtype == torch.float32
+    y.backward(dy)
+    assert x.grad.dtype == x.dtype and layer.lora_A.grad.dtype == layer.lora_B.grad.dtype == torch.float32
+    for (name, k), got, want in zip(ROUNDINGS.items(), (y, x.grad, layer.lora_A.grad, layer.lora_B.grad), ref):
+        assert_bf16_close(got, want, k, name)
 
 
 def test_merge_is_one_rounding_idempotent_and_unmerge_restores():
@@ -166,6 +208,11 @@ def test_init_modes_and_rslora_scaling():
     base = nn.Linear(64, 32)
     assert LoRALinear(base, r=16, alpha=32).scaling == 2.0
     assert LoRALinear(base, r=16, alpha=32, use_rslora=True).scaling == 8.0
+    cfg = LoRAConfig(r=16, lora_alpha=32, use_rslora=True)          # the layer and the config agree
+    assert LoRALinear(base, r=16, alpha=32, use_rslora=True).scaling == cfg.scaling_for("q_proj")
+    for bad in ("pissa", 1):
+        with pytest.raises(LoRAError, match="LoRALinear: init_lora_weights"):
+            LoRALinear(base, r=4, alpha=8, init_lora_weights=bad)
     torch.manual_seed(0)
     g = LoRALinear(nn.Linear(2000, 8), r=4, alpha=8, init_lora_weights="gaussian")
     assert torch.count_nonzero(g.lora_B) == 0

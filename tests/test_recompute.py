@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import lora
-import lora.core.functional
+import lora.core.op
 from lora import LoRAConfig
-from lora.core.functional import lora_linear_torch
+from lora.core.op import lora_linear_torch
 from lora.core.recompute import product_recipe, recompute
 from test_inject import randomize_B
 
@@ -92,8 +92,8 @@ def test_llama_grads_bit_identical_with_and_without_rebuilding(tiny_llama, token
     randomize_B(saving)
     rebuilding.load_state_dict(saving.state_dict())
     found = []
-    real = lora.core.functional.product_recipe
-    monkeypatch.setattr(lora.core.functional, "product_recipe", lambda x: found.append(real(x)) or found[-1])
+    real = lora.core.op.product_recipe
+    monkeypatch.setattr(lora.core.op, "product_recipe", lambda x: found.append(real(x)) or found[-1])
     grads = {}
     for name, model in (("rebuilding", rebuilding), ("saving", saving)):
         lora.set_recompute_inputs(name == "rebuilding")

@@ -2,8 +2,8 @@
 
 - Triton's fused kernels on CUDA when they import (`set_backend("torch")` forces the plain op,
   `"triton"` forces the kernels);
-- else the plain autograd Function (lora/core/functional.py), shared by q/k/v and by gate/up when the
-  layer belongs to a shared-input group (lora/core/group.py);
+- else the plain autograd Function (lora/core/op.py): one per projection, or one for q/k/v and one
+  for gate/up when the layer belongs to a shared-input group (lora/core/group.py);
 - in graph-safe mode (HPU, set by lora.runtime.device), dropout from the device RNG instead of a host seed,
   and the LoRA input always saved, never rebuilt from the autograd graph (lora/core/recompute.py).
 Autocast is resolved here, as `nn.Linear` would: every input is cast to the autocast dtype.
@@ -15,7 +15,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from .functional import lora_linear_torch
+from .op import lora_linear_torch
 
 _BACKEND = "auto"   # "auto" | "torch" | "triton"
 _GRAPH_SAFE = False  # set by lora.runtime.device for HPU graphs / torch.compile: no host-side dropout seeds
@@ -117,6 +117,6 @@ _TRITON_OK: bool | None = None
 def _triton_available() -> bool:
     global _TRITON_OK
     if _TRITON_OK is None:
-        from . import kernels
+        from .. import kernels      # lora.kernels (kernels/ at the repository root)
         _TRITON_OK = bool(kernels.AVAILABLE)
     return _TRITON_OK

@@ -13,6 +13,8 @@ from typing import Any, Union
 from ..errors import LoRAError
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The initialisations of A and B we implement (PEFT's `init_lora_weights` values; see LoRAConfig).
+INIT_MODES = (True, False, "gaussian")
 
 # PEFT config fields that change the math or the module set. We accept them only at their
 # "off" value; anything else is a one-line error naming the field.
@@ -44,7 +46,7 @@ class LoRAConfig:
     """Hyper-parameters of a LoRA adapter (PEFT's `LoraConfig` names).
 
     r:                rank of the update (≥ 1)
-    lora_alpha:       scale numerator; scaling = lora_alpha / r (rsLoRA: lora_alpha / sqrt(r))
+    lora_alpha:       scale numerator; scaling = lora_alpha / r (rsLoRA: lora_alpha / sqrt(r), `lora_scaling`)
     lora_dropout:     dropout on the LoRA branch's input, 0 ≤ p < 1
     target_modules:   list of exact names / dotted suffixes, a regex (full match), or "all-linear"
     use_rslora:       rank-stabilised scaling alpha / sqrt(r)
@@ -114,8 +116,7 @@ class LoRAConfig:
                 isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers_to_transform
             ):
                 bad(f"layers_to_transform must be an int or a list of ints >= 0, got {self.layers_to_transform!r}")
-        if self.init_lora_weights not in (True, False, "gaussian"):
-            bad(f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}")
+        check_init_mode(self.init_lora_weights, "LoRAConfig")
         if self.bias != "none":
             bad(f"bias={self.bias!r} is not supported (only 'none': base biases stay frozen)")
 
@@ -129,8 +130,7 @@ class LoRAConfig:
         return self.alpha_pattern[key] if key is not None else self.lora_alpha
 
     def scaling_for(self, module_name: str) -> float:
-        r, alpha = self.rank_for(module_name), self.alpha_for(module_name)
-        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+        return lora_scaling(self.alpha_for(module_name), self.rank_for(module_name), self.use_rslora)
 
     # -- PEFT's adapter_config.json ---------------------------------------------------------
     def to_peft_dict(self) -> dict[str, Any]:
@@ -162,6 +162,20 @@ class LoRAConfig:
             return cls(**kwargs)
         except LoRAError as e:
             raise LoRAError(f"{source}: {e}") from None
+
+
+def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
+    """The factor s of the update s · B A: alpha / r (the paper), or alpha / sqrt(r) (rsLoRA, which keeps
+    the update's scale stable as r grows)."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def check_init_mode(init: Any, owner: str) -> None:
+    """A LoRAError naming `owner` unless `init` is one of INIT_MODES. The bools are matched by identity:
+    1 == True, but 1 is no init mode."""
+    if not any(init is mode if isinstance(mode, bool) else init == mode for mode in INIT_MODES):
+        *first, last = map(repr, INIT_MODES)
+        raise LoRAError(f"{owner}: init_lora_weights must be {', '.join(first)} or {last}, got {init!r}")
 
 
 def _is_number(v: Any) -> bool:

@@ -3,7 +3,7 @@
     y = x Wᵀ + b + scaling · (dropout(x) Aᵀ) Bᵀ
 
     x: (..., in)   W: (out, in) frozen   b: (out,) frozen   A = lora_A: (r, in)   B = lora_B: (out, r)
-    scaling = alpha / r   (rsLoRA: alpha / sqrt(r))
+    scaling = alpha / r   (rsLoRA: alpha / sqrt(r); lora/core/config.py's `lora_scaling`)
 
 B·A (out × in) is never built in the forward: the shrink (x Aᵀ, r columns) and the expand cost
 O(M·r·(in+out)) instead of O(out·in·r) + another GEMM. `merge()` folds the update into W
@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import backend
+from .config import check_init_mode, lora_scaling
 from .delta import Term, merged_weight
 
 
@@ -37,7 +38,7 @@ class LoRALinear(nn.Module):
         if self.bias is not None:
             self.bias.requires_grad_(False)
         self.r, self.alpha, self.lora_dropout = r, alpha, dropout
-        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.scaling = lora_scaling(alpha, r, use_rslora)
         # Adapter weights in fp32 by default (as PEFT does), whatever the base dtype.
         dtype = lora_dtype or (torch.float32 if base.weight.is_floating_point() else base.weight.dtype)
         device = base.weight.device
@@ -50,17 +51,16 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def reset_lora_parameters(self, init: bool | str = True) -> None:
-        if init is True:          # the original paper's code and PEFT: kaiming-uniform A, zero B
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-            nn.init.zeros_(self.lora_B)
-        elif init == "gaussian":  # PEFT's "gaussian": A ~ N(0, 1/r), zero B
-            nn.init.normal_(self.lora_A, std=1.0 / self.r)
-            nn.init.zeros_(self.lora_B)
-        elif init is False:       # both random: the adapter is not a no-op (useful in tests)
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        """A and B drawn as `init` says (one of INIT_MODES, as LoRAConfig.init_lora_weights describes)."""
+        check_init_mode(init, "LoRALinear")
+        if init == "gaussian":
+            nn.init.normal_(self.lora_A, std=1.0 / self.r)                 # A ~ N(0, 1/r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))          # nn.Linear's own init
+        if init is False:
             nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
         else:
-            raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init!r}")
+            nn.init.zeros_(self.lora_B)                                    # B = 0: y is the base's at step 0
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
