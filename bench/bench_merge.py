@@ -193,11 +193,25 @@ def run_size(layers: int, args, work: Path) -> dict:
             best["runs_s"].append(m["wall_s"])
             print(f"  {layers} layers, {name}: {m['wall_s']:.1f} s, peak RSS {m['peak_rss_bytes'] / 2**20:.0f} MiB",
                   file=sys.stderr, flush=True)
+    row["finite_check_s"] = finite_check_seconds(layers)
     if not args.no_peft:
         row["ours_vs_peft"] = compare(work / "out-ours", work / "out-peft", base)
     for p in (base, adapter, work / "out-ours", work / "out-peft"):
         shutil.rmtree(p, ignore_errors=True)
     return row
+
+
+def finite_check_seconds(layers: int) -> float:
+    """What ours spends refusing non-finite merges: one `isfinite(..).all()` pass over every merged
+    (bf16) weight of the checkpoint, timed alone here; ours' wall time above includes it."""
+    import torch
+    g = torch.Generator().manual_seed(0)
+    shapes = [shape for name, shape in llama_tensors(layers) if name.split(".")[-2] in TARGETS]
+    weights = {shape: torch.randn(shape, generator=g).to(torch.bfloat16) for shape in set(shapes)}
+    t0 = time.perf_counter()
+    for shape in shapes:
+        assert bool(torch.isfinite(weights[shape]).all())
+    return round(time.perf_counter() - t0, 3)
 
 
 def compare(ours: Path, peft: Path, base: Path) -> dict:
@@ -233,7 +247,8 @@ def torch_equal(a, b) -> bool:
 def table(rows: list[dict]) -> str:
     """Markdown: time against the I/O floor and PEFT, peak RSS as a fraction of the checkpoint's size."""
     head = ["layers", "checkpoint", "shards", "floor s", "ours s", "peft s", "ours / floor", "peft / ours",
-            "floor RSS MiB", "ours RSS MiB", "ours RSS / ckpt", "peft RSS MiB", "peft RSS / ckpt"]
+            "floor RSS MiB", "ours RSS MiB", "ours RSS / ckpt", "peft RSS MiB", "peft RSS / ckpt",
+            "finite check s (share of ours)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         size, floor, ours, peft = r["checkpoint_bytes"], r["floor"], r["ours"], r.get("peft")
@@ -243,7 +258,9 @@ def table(rows: list[dict]) -> str:
                  f"{floor['peak_rss_bytes'] / 2**20:.0f}", f"{ours['peak_rss_bytes'] / 2**20:.0f}",
                  f"{ours['peak_rss_bytes'] / size:.2f}",
                  f"{peft['peak_rss_bytes'] / 2**20:.0f}" if peft else "–",
-                 f"{peft['peak_rss_bytes'] / size:.2f}" if peft else "–"]
+                 f"{peft['peak_rss_bytes'] / size:.2f}" if peft else "–",
+                 f"{r['finite_check_s']:.2f} ({100 * r['finite_check_s'] / ours['wall_s']:.1f}%)"
+                 if "finite_check_s" in r else "–"]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     agree = [f"{r['layers']} layers: {100 * r['ours_vs_peft']['bit_equal_fraction']:.2f}% bit-equal, "
              f"max |ours − peft| / max |W| = {r['ours_vs_peft']['max_abs_diff_over_max_abs_weight']:.2g}"
