@@ -15,7 +15,7 @@ Each also has its rise above the resident model (weights, adapter, optimizer sta
 activations, gradients and temporaries (tensor_step_mb, step_mb in the JSON).
 Writes bench/results/train-<device>.json and prints a markdown table.
 
-    python bench/bench_train.py                  # the CPU config of the issue: 6 x 1024, GQA 16/4, seq 256, batch 4, r=16
+    python bench/bench_train.py                  # the default CPU config: 6 x 1024, GQA 16/4, seq 256, batch 4, r=16
     python bench/bench_train.py --dropout 0.05
     python bench/bench_train.py --preset llama-1b --dtype bf16   # on a GPU
 """

@@ -1,7 +1,7 @@
 """Where a LoRA training step's time goes, op by op, against the floor's: torch.profiler over
 alternating steps of two providers of bench_train.py, on the same model and batch.
 
-    python bench/profile_train.py                         # floor vs ours, the issue's CPU config
+    python bench/profile_train.py                         # floor vs ours, the default CPU config
     python bench/profile_train.py --dropout 0.05 --rounds 6
     python bench/profile_train.py --providers floor,peft --layers 2
 

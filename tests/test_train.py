@@ -1,7 +1,8 @@
-"""The training loop: schedule, outputs, exact resume after SIGKILL, NaN stop, DDP, bad input, demo."""
+"""The training loop: schedule, outputs, exact resume after SIGKILL, NaN stop, DDP, flags, bad input, demo."""
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,7 +15,9 @@ import torch
 from lora import LoRAConfig, LoRAError, load_adapter
 from lora.storage.adapter import read_adapter_tensors
 from lora.demo.task import build_demo_base, make_task_examples
-from lora.training.trainer import TrainConfig, check_out_dir, lr_factor, make_scheduler, train
+from lora.training import TrainConfig, train
+from lora.training.run_dir import check_out_dir
+from lora.training.schedule import lr_factor, make_scheduler
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -152,21 +155,47 @@ def test_grad_checkpointing_keeps_dropout_masks(tiny, tmp_path):
     assert close(ta, tb, 1e-5)
 
 
-def test_bf16_autocast_runs_on_cpu(tiny, tmp_path):
-    res = train(tiny_config(tiny, tmp_path / "bf16", max_steps=2, dtype="bf16"))
-    assert math.isfinite(res.train_loss)
-    assert all(t.dtype == torch.float32 for t in adapter(res.out / "adapter").values())   # PEFT keeps fp32
+def test_bf16_training_follows_fp32(tiny, tmp_path):
+    """bf16 (base weights in bf16, forward under bf16 autocast; the adapter and its update in fp32)
+    against the same run in fp32.
+
+    Losses: within one bf16 epsilon (2^-7, 0.8%) of fp32's, relative, at every step. A bf16 rounding
+    errs by at most half an epsilon (the unit roundoff); the logits pass through a few of them in a
+    row (each matmul's bf16 inputs and weights; the sums are fp32) and the loss, a mean over some 300
+    tokens, averages their independent errors down: one epsilon bounds it with margin. An adapter
+    that learns nothing, or the wrong way, leaves that band: the fp32 loss falls by more than five
+    epsilons over the run (asserted, so the test can tell).
+    Adapters: Adam moves each entry by about ±lr whatever the size of its grad, so an entry whose grad
+    is rounding noise may move either way and no bound per entry holds; the update as a whole (B
+    starts at 0) points the same way, cos >= 0.99."""
+    eps = torch.finfo(torch.bfloat16).eps
+    fp32 = train(tiny_config(tiny, tmp_path / "fp32", dtype="fp32"))
+    bf16 = train(tiny_config(tiny, tmp_path / "bf16", dtype="bf16"))
+    want, got = [r["loss"] for r in metrics(fp32.out)], [r["loss"] for r in metrics(bf16.out)]
+    assert want[0] - min(want) > 5 * eps * want[0]
+    assert got == pytest.approx(want, rel=eps)
+    assert got != want                                          # bf16 ran: its rounding shows
+    assert {p.dtype for n, p in bf16.model.named_parameters() if "lora_" not in n} == {torch.bfloat16}
+    a, b = adapter(fp32.out / "adapter"), adapter(bf16.out / "adapter")
+    assert all(t.dtype == torch.float32 for t in b.values())    # PEFT keeps fp32
+    flat = lambda t: torch.cat([t[k].flatten() for k in sorted(t) if "lora_B" in k])
+    assert torch.nn.functional.cosine_similarity(flat(a), flat(b), dim=0) >= 0.99
 
 
-def test_plain_progress_line_without_tqdm(monkeypatch, capsys):
-    from lora.training.trainer import Progress
+def test_plain_progress_line_without_tqdm(tiny, tmp_path, monkeypatch, capsys):
+    """The loop's bar (lora/runtime/progress.py) without tqdm: a plain line on every log step with the
+    step count, the loss, the lr, tokens/s and the ETA (and the count alone at most once a second)."""
     monkeypatch.setitem(sys.modules, "tqdm.auto", None)          # import fails as if not installed
-    bar = Progress(total=10, initial=0, enabled=True)
-    assert bar.bar is None
-    bar.update(5, loss=1.25, lr=2e-4, tokens_per_s=1234.5, log=True)
-    bar.update(6, loss=1.0, lr=2e-4, tokens_per_s=1.0, log=False)    # only log steps print
-    line = capsys.readouterr().err
-    assert line.startswith("step 5/10  loss 1.2500  lr 2.00e-04  1,234 tok/s  ETA ") and line.count("\n") == 1
+    train(tiny_config(tiny, tmp_path / "run", max_steps=4, log_every=2, progress=True))
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train ")]
+    logged, rows = [line for line in lines if "  loss " in line], metrics(tmp_path / "run")
+    assert all(re.fullmatch(r"train \d/4  .*  ETA \d+:\d\d", line) for line in lines)
+    assert len(logged) == len(rows) == 2
+    for line, row in zip(logged, rows):
+        m = re.fullmatch(r"train (\d+)/4  loss (\S+)  lr (\S+)  tok_s ([\d,]+)  \S+ step/s  ETA \d+:\d\d", line)
+        assert m, line
+        assert (int(m[1]), m[2], m[3]) == (row["step"], f"{row['loss']:.4f}", f"{row['lr']:.2e}")
+        assert int(m[4].replace(",", "")) == round(row["tokens_per_s"])
 
 
 # -- resume after SIGKILL -------------------------------------------------------------------------
@@ -225,24 +254,57 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path, capsy
 
 
 # -- data parallel ----------------------------------------------------------------------------
-def test_two_gloo_processes_match_one_process(tiny, tmp_path):
-    """torchrun, 2 processes × batch 4 = one process × batch 8: same losses and adapter (fp32 tolerance)."""
+def test_torchrun_two_gloo_processes_match_one_process(tiny, tmp_path):
+    """torchrun, 2 processes × batch 4 = one process × batch 8: same losses and adapter (fp32 tolerance).
+    The LoRA flags go through torchrun by their full names (--lora-r, not --r): the adapter has rank 4."""
     out2 = tmp_path / "ddp"
     args = tiny_args(tiny, out2, "--max-steps", 4, "--batch-size", 4, "--log-every", 1, "--device", "cpu",
-                     "--eval-data", tiny / "eval.jsonl")
+                     "--eval-data", tiny / "eval.jsonl", "--lora-r", 4, "--lora-alpha", 8, "--lora-dropout", 0)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(ROOT / "train.py"), *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    one = train(tiny_config(tiny, tmp_path / "one", max_steps=4, batch_size=8, eval_data=str(tiny / "eval.jsonl")))
+    one = train(tiny_config(tiny, tmp_path / "one", max_steps=4, batch_size=8, eval_data=str(tiny / "eval.jsonl"),
+                            lora=LoRAConfig(r=4, lora_alpha=8)))
     # Eval is sharded over the ranks (16 examples = 4 batches of 4) and reduced.
     assert json.loads((out2 / "eval.json").read_text())["eval_loss"] == pytest.approx(one.eval_loss, rel=1e-5)
     assert json.loads((out2 / "run.json").read_text())["world_size"] == 2
     assert [r["loss"] for r in metrics(out2)] == pytest.approx([r["loss"] for r in metrics(one.out)], rel=1e-5)
     ta, tb = adapter(out2 / "adapter"), adapter(one.out / "adapter")
+    assert {t.shape[0] for k, t in ta.items() if "lora_A" in k} == {4}
     assert close(ta, tb, 1e-4)
     assert any(tb[k].abs().sum() > 0 for k in tb if "lora_B" in k)
+
+
+def test_every_flag_passes_through_torchruns_parser(capsys):
+    """torchrun's own parser takes a script flag that starts like one of its options for an abbreviation
+    of it (--r: --rdzv-*, --role, --run-path). Every flag train.py generates, each with a value, comes out
+    as given; --r, the short alias of --lora-r, is the one that does not."""
+    from torch.distributed.run import get_args_parser
+
+    from lora.training import flags
+    parser = train_cli.build_parser()
+    sample = {int: "3", float: "0.5", str: "x", flags.names: "q_proj", flags.targets: "q_proj,v_proj",
+              flags.ints: "0,1", flags.float_pair: "0.9,0.99", flags.json_object: '{"q_proj": 4}',
+              flags.init_weights: "gaussian"}
+    argv = []
+    for action in parser._actions:
+        for name in action.option_strings:
+            if name not in ("-h", "--help", "--r"):
+                argv += [name] if action.nargs == 0 else [name, action.choices[0] if action.choices else sample[action.type]]
+    torchrun = lambda *script_args: get_args_parser().parse_args(
+        ["--standalone", "--nproc_per_node", "2", "train.py", *script_args])
+    args = torchrun(*argv)
+    assert args.training_script == "train.py" and args.training_script_args == argv
+    parser.parse_args(argv)                                    # and train.py reads them all
+    # one flag per TrainConfig field and per LoRA setting (the device flags are lora/cli.py's)
+    from dataclasses import fields
+    assert {a.dest for a in parser._actions} == {f.name for f in fields(TrainConfig)} - {"lora"} | set(
+        flags.LORA_FLAGS) | {"help"}
+    with pytest.raises(SystemExit):
+        torchrun("--r", "8")
+    assert "ambiguous option: --r could match" in capsys.readouterr().err
 
 
 # -- bad input ----------------------------------------------------------------------------------
@@ -332,11 +394,14 @@ def test_resume_refuses_data_or_a_model_that_changed(tiny, tmp_path, capsys):
                                      batch_size=8, log_every=10, resume=True)) == "resume"
 
 
-def test_cli_flags_build_the_config():
+def test_cli_flags_build_the_config(capsys):
     cfg, demo = train_cli.build_config(train_cli.parse_args([]))
     assert demo and (cfg.lr, cfg.max_steps, cfg.lora.r, cfg.lora.lora_alpha) == (5e-3, 60, 16, 32)
     cfg, demo = train_cli.build_config(train_cli.parse_args(["--lr", "1e-3", "--r", "4"]))
     assert demo and (cfg.lr, cfg.lora.r) == (1e-3, 4)                       # a given flag wins
+    assert train_cli.build_config(train_cli.parse_args(["--lora-r", "4"]))[0].lora.r == 4
+    # no flag given: the dataclasses' own defaults, the device flags' (lora/cli.py) included
+    assert train_cli.build_config(train_cli.parse_args(["--model", "m", "--data", "d"]))[0] == TrainConfig("m", "d")
     assert cfg.keep_freed_memory
     assert not train_cli.build_config(train_cli.parse_args(["--no-keep-freed-memory"]))[0].keep_freed_memory
     cfg, demo = train_cli.build_config(train_cli.parse_args([
@@ -347,14 +412,35 @@ def test_cli_flags_build_the_config():
     assert cfg.lora == LoRAConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["q_proj", "v_proj"],
                                   use_rslora=True, layers_to_transform=[0, 2], exclude_modules=["v_proj"],
                                   rank_pattern={"q_proj": 4}, alpha_pattern={"q_proj": 2}, init_lora_weights="gaussian")
-    with pytest.raises(LoRAError, match="--rank-pattern: not valid JSON"):
-        train_cli.build_config(train_cli.parse_args(["--rank-pattern", "{q: 4}"]))
+    cfg = train_cli.build_config(train_cli.parse_args(["--model", "m", "--data", "d", "--target-modules", "all-linear",
+                                                       "--adam-betas", "0.8,0.99", "--no-progress"]))[0]
+    assert (cfg.lora.target_modules, cfg.adam_betas, cfg.progress) == ("all-linear", (0.8, 0.99), False)
+    capsys.readouterr()
+    for argv, message in ((["--rank-pattern", "{q: 4}"], "argument --rank-pattern: not valid JSON"),
+                          (["--layers-to-transform", "0,x"], "comma-separated integers expected"),
+                          (["--adam-betas", "0.9"], "two comma-separated numbers expected"),
+                          (["--init-lora-weights", "yes"], "choose from true, false, gaussian")):
+        with pytest.raises(SystemExit) as e:
+            train_cli.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_help_explains_every_flag_and_its_default():
+    parser = train_cli.build_parser()
+    for action in parser._actions:
+        if action.dest != "help":
+            assert action.help and "default" in action.help, action.option_strings
+    help_of = lambda flag: parser._option_string_actions[flag].help % {}
+    assert help_of("--lr") == "peak learning rate of AdamW (default 0.0002; demo 0.005)"
+    assert help_of("--warmup-steps").endswith("(default 5% of the steps; demo 3)")
+    assert help_of("--init-lora-weights").endswith("(default true)") and help_of("--pack").endswith("(default off)")
 
 
 def test_cpu_training_keeps_freed_memory_unless_told_not_to(tiny, tmp_path, monkeypatch):
-    import lora.training.trainer
+    import lora.training.loop
     calls = []
-    monkeypatch.setattr(lora.training.trainer, "keep_freed_memory", lambda: calls.append(1))
+    monkeypatch.setattr(lora.training.loop, "keep_freed_memory", lambda: calls.append(1))
     train(tiny_config(tiny, tmp_path / "a", max_steps=1, device="cpu"))
     assert calls == [1]
     train(tiny_config(tiny, tmp_path / "b", max_steps=1, device="cpu", keep_freed_memory=False))

@@ -1,4 +1,5 @@
-"""The demo that `python train.py` runs with no arguments: a task a random base cannot do, learned by LoRA.
+"""The demo's task and base: a task a random base cannot do, learned by LoRA (lora/demo/train_demo.py
+trains it: `python train.py` with no arguments).
 
 Base: a 2.9M-parameter Llama (4 layers, hidden 256, 8 query heads sharing 2 key/value heads, tied
 embeddings) with random weights from a fixed seed, and the character tokenizer of `lora.demo.tokenizer`.
@@ -12,8 +13,8 @@ Task: a fixed letter substitution (a random permutation of a–z) applied to 6-l
     prompt "bcclfx=" -> completion "errnqd" (+ </s>)
 Each output letter is the image of the input letter 7 positions before it, so the model has to
 learn that attention offset and the mapping: the random base cannot (exact match 0), a rank-16
-adapter learns both in 60 steps. Held-out words never appear in training, so exact match measures
-the learned rule, not recall.
+adapter learns both in 60 steps (lora/demo/train_demo.py's settings). Held-out words never appear in
+training, so exact match measures the learned rule, not recall.
 
 Reusable pieces: `build_demo_base`, `make_task_examples`, `heldout_examples`, `greedy_complete`,
 `exact_match`.
@@ -23,8 +24,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import sys
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -37,10 +36,6 @@ WORD_LEN = 6
 TASK_SEED = 1234          # fixes the letter mapping
 BASE_SEED = 0             # fixes the random base weights
 N_TRAIN, N_HELDOUT = 4096, 200
-
-# train.py's settings in demo mode (a flag given on the command line wins).
-DEMO_DEFAULTS = dict(max_seq_len=16, batch_size=32, lr=5e-3, max_steps=60, warmup_steps=3,
-                     save_every=20, log_every=5, r=16, lora_alpha=32)
 
 
 # -- the task ---------------------------------------------------------------------------------
@@ -172,58 +167,3 @@ def exact_match(model, tokenizer, examples: list[dict], max_new_tokens: int | No
     longest = max(len(tokenizer(e["completion"], add_special_tokens=False)["input_ids"]) for e in examples)
     outs = greedy_complete(model, tokenizer, [e["prompt"] for e in examples], max_new_tokens or longest + 1)
     return sum(o == e["completion"] for o, e in zip(outs, examples)) / len(examples)
-
-
-# -- the whole demo ---------------------------------------------------------------------------
-def run_demo(cfg) -> dict:
-    """Build the base and the task in cfg.out, measure exact match, train, measure again.
-
-    `cfg` is a `TrainConfig` whose model/data are ignored: they become <out>/base and <out>/data.
-    Returns eval.json's contents.
-    """
-    from ..training.trainer import check_out_dir, load_model, train
-    out = Path(cfg.out)
-    cfg = replace(cfg, model=str(out / "base"), data=str(out / "data" / "train.jsonl"),
-                  eval_data=str(out / "data" / "eval.jsonl"), eval_split=0.0)
-    mode = check_out_dir(cfg)                       # before anything is written
-    rank = int(os.environ.get("RANK", "0"))
-    if rank == 0 and (mode != "resume" or not (out / "base" / "config.json").is_file()):
-        build_demo_base(out / "base")
-        write_task_data(out / "data")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        import torch.distributed as dist
-        from ..runtime.device import resolve_device
-        if not dist.is_initialized():
-            dist.init_process_group(backend=resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0"))).dist_backend)
-        dist.barrier()                              # the others wait for rank 0's base and data
-
-    from ..runtime.device import resolve_device
-    from ..training.trainer import load_tokenizer
-    if resolve_device(cfg.device).name == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        # The demo's GEMMs are ~1 ms each: a second thread costs more in synchronisation than it
-        # saves, and on a machine shared with other jobs it can make a step several times slower.
-        torch.set_num_threads(1)
-    heldout = heldout_examples()
-    tokenizer = load_tokenizer(cfg.model)
-    before = None
-    if rank == 0:
-        device = resolve_device(cfg.device, 0)
-        base = load_model(cfg.model, device.resolve_dtype(cfg.dtype), device)
-        before = exact_match(base, tokenizer, heldout)
-        print(f"held-out exact match before training: {before:.3f}", file=sys.stderr)
-        del base
-
-    result = train(cfg, out_mode=mode)
-    summary = {}
-    if rank == 0:
-        after = exact_match(result.model, result.tokenizer, heldout)
-        summary = {"step": result.step, "eval_loss": result.eval_loss, "train_loss": result.train_loss,
-                   "exact_match_before": before, "exact_match": after, "heldout_examples": len(heldout)}
-        atomic_write_text(out / "eval.json", json.dumps(summary, indent=2) + "\n")
-        examples = greedy_complete(result.model, result.tokenizer, [e["prompt"] for e in heldout[:3]], WORD_LEN + 1)
-        for e, got in zip(heldout[:3], examples):
-            print(f"  {e['prompt']}{got}   (expected {e['completion']})")
-        print(f"held-out exact match: {before:.3f} before, {after:.3f} after {result.step} steps "
-              f"(eval loss {result.eval_loss:.4f})")
-        print(f"adapter: {out / 'adapter'}   base: {out / 'base'}")
-    return summary

@@ -1,7 +1,7 @@
 """Digests of a run's inputs, so `--resume` can tell that the data or the model changed under it.
 
-    data:  sha256 of the file's bytes (a dataset is read whole anyway; about 1 s per GB on this
-           project's CPU machine)
+    data:  sha256 of the file's bytes (one more pass over a file the run reads whole anyway;
+           docs/train.md has the rate measured)
     model: sha256 over config.json, the tokenizer files, and for every *.safetensors file its name,
            size, header (every tensor's name, dtype, shape and offsets) and 16 evenly spaced 64 KiB
            samples of its tensor data
