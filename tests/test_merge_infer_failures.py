@@ -131,7 +131,7 @@ def small_tmpfs(size: str, read_only: bool = False):
     try:
         yield mnt
     finally:
-        subprocess.run(["umount", str(mnt)], check=True)
+        subprocess.run(["umount", "--lazy", str(mnt)], check=True)     # lazy: even if a killed child holds it
         mnt.rmdir()
 
 

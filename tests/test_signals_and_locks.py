@@ -124,9 +124,16 @@ def test_a_second_writer_fails_at_once_naming_the_holder(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["child.py", "ready"]
 
 
-def test_the_lock_is_taken_again_after_release(tmp_path):
-    for _ in range(3):
-        with OutputLock(tmp_path / "a" / "out", flag="--out"):
-            with pytest.raises(LoRAError, match="in use by another run"):
-                OutputLock(tmp_path / "a" / "out").acquire()     # another open file: flock excludes it too
+def test_a_process_may_hold_its_own_lock_twice(tmp_path):
+    """The demo holds --out while it writes the base there, then the training run takes it too."""
+    out = tmp_path / "a" / "out"
+    for _ in range(2):
+        with OutputLock(out):
+            with OutputLock(out):
+                pass
+            assert lock_path(out).read_text() == f"{os.getpid()}\n"      # the inner release kept it
+            holder = start(HOLDER.replace('Path(sys.argv[1], "out")', f'Path({str(out)!r})'), tmp_path)
+            out_, err = holder.communicate(timeout=60)
+            assert holder.returncode == 1 and "in use by another run" in err
+        assert not lock_path(out).exists()
     assert list((tmp_path / "a").iterdir()) == []

@@ -6,6 +6,7 @@ trains, and measures again.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from dataclasses import replace
@@ -13,13 +14,16 @@ from pathlib import Path
 
 import torch
 
+from ..core.inject import select_targets
 from ..runtime.device import resolve_device
-from ..storage.model_dir import load_model, load_tokenizer
+from ..storage.lock import OutputLock
+from ..storage.model_dir import load_model, load_tokenizer, skeleton
 from ..training import distributed
 from ..training.config import TrainConfig
 from ..training.loop import train
 from ..training.run_dir import check_out_dir, write_eval
-from .task import WORD_LEN, build_demo_base, exact_match, greedy_complete, heldout_examples, write_task_data
+from .tokenizer import char_vocab
+from .task import WORD_LEN, build_demo_base, demo_config, exact_match, greedy_complete, heldout_examples, write_task_data
 
 # The demo's settings: TrainConfig's fields and the LoRA flags' (r, lora_alpha) by name.
 DEMO = dict(max_seq_len=16, batch_size=32, lr=5e-3, max_steps=60, warmup_steps=3, save_every=20, log_every=5,
@@ -35,6 +39,14 @@ def run_train_demo(cfg: TrainConfig) -> dict:
     cfg = replace(cfg, model=str(out / "base"), data=str(out / "data" / "train.jsonl"),
                   eval_data=str(out / "data" / "eval.jsonl"), eval_split=0.0)
     mode = check_out_dir(cfg)                       # before anything is written
+    select_targets(skeleton(demo_config(len(char_vocab()))), cfg.lora)
+    with contextlib.ExitStack() as hold:
+        if distributed.world()[0] == 0:
+            hold.enter_context(OutputLock(out))     # held while the base is written, and by the run
+        return _build_and_train(cfg, out, mode)
+
+
+def _build_and_train(cfg: TrainConfig, out: Path, mode: str) -> dict:
     rank, _, local_rank = distributed.world()
     device = resolve_device(cfg.device, local_rank, cfg.hpu_mode, cfg.hpu_graphs)
     if rank == 0 and (mode != "resume" or not (out / "base" / "config.json").is_file()):

@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
-from .atomic import atomic_dir
+from .atomic import atomic_dir, write_bytes
 from ..core.config import LoRAConfig
 from ..errors import LoRAError
 from ..core.inject import apply_lora, lora_layers
@@ -51,7 +51,7 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, config: LoRAConfi
     if cfg.get("base_model_name_or_path") is None:
         cfg["base_model_name_or_path"] = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     with atomic_dir(out_dir) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        write_bytes(tmp / WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))
         (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 

@@ -149,13 +149,13 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = True):
             old = target.parent / f"{OLD_PREFIX}{target.name}.{secrets.token_hex(4)}"
             os.replace(target, old)
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as e:
         if old is not None and old.exists() and not target.exists():
             os.replace(old, target)   # interrupted between the two renames (Ctrl-C): the old target stays
         shutil.rmtree(tmp, ignore_errors=True)
         _close(tmp_fd)
         _close(old_fd)
-        raise
+        _raise_naming(e, target)
     _close(tmp_fd)
     _fsync_dir(target.parent)
     if old is not None:
@@ -176,8 +176,26 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
-        raise
+        _raise_naming(e, path)
     finally:
         os.close(fd)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """`path` ← `data` with plain file I/O, so that a full disk is an OSError (ENOSPC) naming `path`.
+    (safetensors and torch.save report a failed write in their own words; the writers of this package
+    serialise to bytes in memory and write them here.)"""
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+    except OSError as e:
+        _raise_naming(e, path)
+
+
+def _raise_naming(e: BaseException, path: str | os.PathLike):
+    """Re-raise `e`; an OSError that names no file (os.write's, a full disk's) names `path`."""
+    if isinstance(e, OSError) and e.filename is None:
+        raise OSError(e.errno, e.strerror, str(path)) from None
+    raise e

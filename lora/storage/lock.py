@@ -6,6 +6,8 @@ naming the holder's pid, before it writes anything. The kernel drops a `flock` w
 dies, SIGKILL included, so a lock left by a killed run is no lock: the next run takes it over (and
 `--resume` works as before).
 
+A process that holds the lock may take it again (the demo holds `--out` while it writes the base
+model there, and the training run it starts takes it too); it is released with the outermost hold.
 The lock file is removed when the run ends. Removing a file that another process may have opened
 but not yet locked is the classic race of lock files; it is closed by checking, once the lock is
 held, that the path still names the locked file (same inode), and starting over if it does not.
@@ -28,6 +30,9 @@ def lock_path(target: str | os.PathLike) -> Path:
     return target.parent / f".{target.name}.lock"
 
 
+_HELD: dict[Path, int] = {}       # lock files this process holds -> how many holds are open
+
+
 class OutputLock:
     """`with OutputLock(out, flag="--out"):` the run's exclusive hold on `out` (a file or directory,
     existing or not). Creates `out`'s parent directory if needed: the lock file lives there."""
@@ -36,9 +41,15 @@ class OutputLock:
         self.target, self.flag = Path(target), flag
         self.path = lock_path(self.target)
         self.fd: int | None = None
+        self.key = self.path.resolve()
+        self.nested = False
 
     def acquire(self) -> "OutputLock":
         if fcntl is None:
+            return self
+        if self.key in _HELD:                # this process holds it already
+            _HELD[self.key] += 1
+            self.nested = True
             return self
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -62,6 +73,7 @@ class OutputLock:
             os.close(fd)                 # the previous holder removed the file we opened: again
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         self.fd = fd
+        _HELD[self.key] = 1
         try:
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())
@@ -71,8 +83,13 @@ class OutputLock:
         return self
 
     def release(self) -> None:
+        if self.nested:
+            _HELD[self.key] -= 1
+            self.nested = False
+            return
         if self.fd is None:
             return
+        del _HELD[self.key]
         try:
             os.unlink(self.path)         # still locked: a waiter that opened it will see it is gone
         except FileNotFoundError:

@@ -1,6 +1,7 @@
 """A Hugging Face model directory, read the one way every script reads it.
 
     check_model_dir(dir)        config.json as a dict; one-line errors for what cannot be loaded
+    skeleton(dir or config)     the model's modules on the meta device: names and shapes, no weights
     load_tokenizer(dir)         the directory's own tokenizer, nothing downloaded
     load_model(dir, dtype)      the causal LM from *.safetensors only, no remote code unless asked
 
@@ -58,6 +59,20 @@ def load_model(model_dir: str | os.PathLike, dtype: torch.dtype | str = "auto",
                                                     local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise LoRAError(f"{model_dir}: cannot load the model ({first_line(e)})") from None
+
+
+def skeleton(model_dir_or_config, trust_remote_code: bool = False) -> nn.Module:
+    """The causal LM's module tree on the meta device (no memory, no weights read): enough to check
+    an adapter's targets against the model before anything is loaded or written."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = model_dir_or_config
+    if isinstance(config, (str, os.PathLike)):
+        try:
+            config = AutoConfig.from_pretrained(str(config), local_files_only=True, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError, KeyError) as e:
+            raise LoRAError(f"{model_dir_or_config}: cannot read its config ({first_line(e)})") from None
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
 def first_line(e: BaseException) -> str:

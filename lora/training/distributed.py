@@ -68,3 +68,13 @@ def gather_rng_states(device: Device) -> list[dict]:
     states = [None] * dist.get_world_size()
     dist.all_gather_object(states, device.rng_state())
     return states
+
+
+def agreed_signal(signum: int | None, device: Device) -> int | None:
+    """The signal any rank has received since the last step (the largest number), or None: every rank
+    gets the same answer at the same step, so all stop together."""
+    if not active():
+        return signum
+    t = torch.tensor([signum or 0], dtype=torch.int64, device=device.torch_device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item()) or None

@@ -192,6 +192,9 @@ def config_from_args(args: argparse.Namespace, preset: dict) -> tuple[TrainConfi
     demo = "model" not in given and "data" not in given
     if not demo and ("model" not in given or "data" not in given):
         raise LoRAError("--model and --data go together (give neither to run the demo)")
+    if demo and ("eval_data" in given or "eval_split" in given):
+        raise LoRAError("the demo evaluates on its own held-out examples: --eval-data and --eval-split need "
+                        "--model and --data")
     values = {**(preset if demo else {}), **given}
     lora = LoRAConfig(**{k: v for k, v in values.items() if k in LORA_FLAGS})
     settings = {k: v for k, v in values.items() if k not in LORA_FLAGS}

@@ -11,6 +11,7 @@ What a run writes under `out`, and how --resume reads it back, is lora/training/
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -20,18 +21,20 @@ from pathlib import Path
 
 import torch
 
-from ..core.inject import apply_lora, lora_layers, trainable_parameters
+from ..core.inject import apply_lora, lora_layers, select_targets, trainable_parameters
 from ..errors import LoRAError, LoRAFailure
 from ..runtime.device import Device, resolve_device
 from ..runtime.malloc import keep_freed_memory
 from ..runtime.progress import Progress
+from ..runtime.signals import Interrupted, deferred_interrupts
 from ..storage.adapter import save_adapter
-from ..storage.model_dir import check_model_dir, enable_checkpointing, load_model, load_tokenizer
+from ..storage.lock import OutputLock
+from ..storage.model_dir import check_model_dir, enable_checkpointing, load_model, load_tokenizer, skeleton
 from . import distributed
 from .config import TrainConfig
 from .data import IGNORE, TokenizedData, load_dataset, split_eval
 from .evaluate import evaluate, token_nll_sum
-from .run_dir import (MetricsLog, TrainState, check_out_dir, checkpoint_steps, checkpoint_path, latest_checkpoint,
+from .run_dir import (MetricsLog, TrainState, check_checkpoint, check_out_dir, checkpoint_steps, checkpoint_path, latest_checkpoint,
                       load_checkpoint, run_record, save_checkpoint, start_run, truncate_metrics, write_eval)
 from .schedule import Plan, make_scheduler
 
@@ -51,36 +54,63 @@ class TrainResult:
 
 
 def train(cfg: TrainConfig, out_mode: str | None = None) -> TrainResult:
-    """Run (or resume) training as `cfg` says. Every input is checked before anything is written.
+    """Run (or resume) training as `cfg` says. Every input is checked before anything is written, and
+    the run holds `cfg.out` (lora/storage/lock.py) from its first write to its end.
 
     `out_mode` skips the output-directory check when the caller made it already (the demo writes
     its base model into `out` first).
     """
-    rank, world, local_rank = distributed.world()
+    run = check_run(cfg, out_mode)
+    with contextlib.ExitStack() as hold:
+        if distributed.world()[0] == 0:
+            hold.enter_context(OutputLock(cfg.out))
+        return run_checked(run)
+
+
+@dataclass
+class CheckedRun:
+    """Everything a run needs, read and checked before anything is written."""
+    cfg: TrainConfig
+    mode: str                       # check_out_dir's: "fresh", "restart" or "resume"
+    record: dict                    # run.json
+    device: Device
+    dtype: torch.dtype
+    tokenizer: object
+    data: TokenizedData
+    eval_data: TokenizedData | None
+    plan: Plan
+
+
+def check_run(cfg: TrainConfig, out_mode: str | None = None) -> CheckedRun:
     check_inputs(cfg)
-    device = resolve_device(cfg.device, local_rank, cfg.hpu_mode, cfg.hpu_graphs)
-    dtype = device.resolve_dtype(cfg.dtype)
+    device = resolve_device(cfg.device, distributed.world()[2], cfg.hpu_mode, cfg.hpu_graphs)
     record = run_record(cfg)
     mode = out_mode or check_out_dir(cfg, record)
+    if mode == "resume" and latest_checkpoint(Path(cfg.out)) is not None:
+        check_checkpoint(latest_checkpoint(Path(cfg.out)))
     tokenizer = load_tokenizer(cfg.model)
     data, eval_data = prepare_data(cfg, tokenizer)
-    plan = Plan.of(cfg, len(data), world)
+    return CheckedRun(cfg, mode, record, device, device.resolve_dtype(cfg.dtype), tokenizer, data, eval_data,
+                      Plan.of(cfg, len(data), distributed.world()[1]))
 
-    # ---- every input is valid: start working ----
+
+def run_checked(run: CheckedRun) -> TrainResult:
+    cfg, device, dtype, data, eval_data, plan = run.cfg, run.device, run.dtype, run.data, run.eval_data, run.plan
+    rank = distributed.world()[0]
     distributed.init(device)
     out = Path(cfg.out)
     if rank == 0:
-        start_run(out, mode, record)
+        start_run(out, run.mode, run.record)
     model, params = load_base_with_lora(cfg, device, dtype)
     optimizer = device.make_optimizer(params, cfg.lr, cfg.adam_betas, cfg.adam_eps, cfg.weight_decay)
     scheduler = make_scheduler(optimizer, plan.warmup, plan.total)
     device.manual_seed(cfg.seed + 1 + rank)      # dropout masks differ between ranks
     state = TrainState()
-    resumed_from = latest_checkpoint(out) if mode == "resume" else None
+    resumed_from = latest_checkpoint(out) if run.mode == "resume" else None
     if resumed_from is not None:
         state, rng_states = load_checkpoint(resumed_from, model, optimizer, scheduler)
         device.set_rng_state(rng_states[rank])
-    if mode == "resume" and rank == 0:
+    if run.mode == "resume" and rank == 0:
         truncate_metrics(out, state.step)
     if rank == 0:
         print(trainable_parameters(model), file=sys.stderr)
@@ -89,10 +119,17 @@ def train(cfg: TrainConfig, out_mode: str | None = None) -> TrainResult:
     if device.name == "cpu" and cfg.keep_freed_memory:
         keep_freed_memory()      # from here on: each step reuses the last one's pages (lora/runtime/malloc.py)
 
+    def checkpoint(state: TrainState) -> Path:
+        rng_states = distributed.gather_rng_states(device)      # every rank takes part
+        if rank == 0:
+            save_checkpoint(out, state, model, optimizer, scheduler, rng_states, cfg.keep_checkpoints)
+        return checkpoint_path(out, state.step)
+
     progress = Progress(plan.total, "train", "step", enabled=cfg.progress and rank == 0, initial=state.step)
     metrics = MetricsLog(out, enabled=rank == 0)
     window = Window()
-    try:
+    # Ctrl-C or SIGTERM: the step in flight finishes, a checkpoint is written, then the run stops.
+    with deferred_interrupts() as stop, contextlib.closing(progress), contextlib.closing(metrics):
         for step in range(state.step + 1, plan.total + 1):
             loss, grad_norm, n_tokens = train_step(model, data, plan.micro_batches(step, rank), params, device,
                                                    dtype, cfg.max_grad_norm)
@@ -114,16 +151,16 @@ def train(cfg: TrainConfig, out_mode: str | None = None) -> TrainResult:
                 window.restart()
             else:
                 progress.set(step)
+            signum = distributed.agreed_signal(stop.signum, device)
             with window.paused():                # eval and checkpoint time is not training throughput
-                if eval_data is not None and cfg.eval_every and step % cfg.eval_every == 0 and step != plan.total:
+                if (eval_data is not None and cfg.eval_every and step % cfg.eval_every == 0 and step != plan.total
+                        and signum is None):
                     metrics.write(step=step, eval_loss=evaluate(model, eval_data, cfg.batch_size, device, dtype))
-                if (cfg.save_every and step % cfg.save_every == 0) or step == plan.total:
-                    rng_states = distributed.gather_rng_states(device)      # every rank takes part
-                    if rank == 0:
-                        save_checkpoint(out, state, model, optimizer, scheduler, rng_states, cfg.keep_checkpoints)
-    finally:
-        progress.close()
-        metrics.close()
+                if (cfg.save_every and step % cfg.save_every == 0) or step == plan.total or signum is not None:
+                    kept = checkpoint(state)
+            if signum is not None:
+                raise Interrupted(signum, f"checkpoint {kept} (step {step} of {plan.total}) kept; "
+                                          "the same command with --resume continues from it")
 
     eval_loss = evaluate(model, eval_data, cfg.batch_size, device, dtype) if eval_data is not None else None
     if rank == 0:
@@ -131,12 +168,13 @@ def train(cfg: TrainConfig, out_mode: str | None = None) -> TrainResult:
         if eval_data is not None:
             write_eval(out, {"step": state.step, "eval_loss": eval_loss, "train_loss": state.loss})
     distributed.barrier()
-    return TrainResult(model, tokenizer, state.step, state.loss, eval_loss, out)
+    return TrainResult(model, run.tokenizer, state.step, state.loss, eval_loss, out)
 
 
 # -- before any work ----------------------------------------------------------------------------
 def check_inputs(cfg: TrainConfig) -> None:
-    """One-line errors for input files that are not there and a model that cannot take the run."""
+    """One-line errors for input files that are not there and a model that cannot take the run (too
+    short a context, targets that match nothing)."""
     for path in filter(None, (cfg.data, cfg.eval_data)):
         if not Path(path).is_file():
             raise LoRAError(f"{path}: no such file")
@@ -144,6 +182,7 @@ def check_inputs(cfg: TrainConfig) -> None:
     if limit is not None and cfg.max_seq_len > limit:
         raise LoRAError(f"--max-seq-len {cfg.max_seq_len} exceeds the model's limit "
                         f"(max_position_embeddings = {limit})")
+    select_targets(skeleton(cfg.model), cfg.lora)          # a target that matches nothing, before any write
 
 
 def prepare_data(cfg: TrainConfig, tokenizer) -> tuple[TokenizedData, TokenizedData | None]:

@@ -13,6 +13,7 @@ Only rank 0 writes. Checkpoints, the adapter, run.json and eval.json are written
 """
 from __future__ import annotations
 
+import io
 import json
 import re
 import shutil
@@ -22,8 +23,8 @@ from pathlib import Path
 import torch
 
 from ..errors import LoRAError
-from ..storage.adapter import load_adapter_tensors, read_adapter_tensors, save_adapter
-from ..storage.atomic import atomic_dir, atomic_write_text, clean_stale_in
+from ..storage.adapter import check_finite, load_adapter_tensors, read_adapter_tensors, save_adapter
+from ..storage.atomic import atomic_dir, atomic_write_text, clean_stale_in, write_bytes
 from .config import TrainConfig
 from .fingerprint import file_sha256, model_digest
 
@@ -148,14 +149,21 @@ def latest_checkpoint(out: Path) -> Path | None:
     return checkpoint_path(out, steps[-1]) if steps else None
 
 
+def check_checkpoint(path: Path) -> None:
+    """A one-line error when the checkpoint's adapter cannot be resumed from (unreadable, non-finite)."""
+    for key, t in read_adapter_tensors(path / "adapter").items():
+        check_finite(t, key, str(path / "adapter"))
+
+
 def save_checkpoint(out: Path, state: TrainState, model, optimizer, scheduler, rng_states: list[dict],
                     keep: int) -> Path:
     """Write checkpoints/step-N atomically, then delete all but the newest `keep`."""
     target = checkpoint_path(out, state.step)
     with atomic_dir(target) as tmp:
         save_adapter(model, tmp / "adapter")
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": rng_states}, tmp / STATE_FILE)
+        blob = io.BytesIO()          # written by write_bytes: a full disk is an OSError naming the file
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states}, blob)
+        write_bytes(tmp / STATE_FILE, blob.getvalue())
         (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2) + "\n")
     for old in checkpoint_steps(out)[:-keep]:
         shutil.rmtree(checkpoint_path(out, old), ignore_errors=True)
@@ -193,13 +201,21 @@ class MetricsLog:
     written). Writes nothing when not `enabled` (ranks other than 0)."""
 
     def __init__(self, out: Path, enabled: bool):
-        self.file = open(out / METRICS_FILE, "a") if enabled else None
+        self.path = out / METRICS_FILE
+        self.file = open(self.path, "a") if enabled else None
 
     def write(self, **record) -> None:
         if self.file is not None:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
+            try:
+                self.file.write(json.dumps(record) + "\n")
+                self.file.flush()
+            except OSError as e:         # a full disk: name the file
+                raise OSError(e.errno, e.strerror, str(self.path)) from None
 
     def close(self) -> None:
         if self.file is not None:
-            self.file.close()
+            try:
+                self.file.close()
+            except OSError:              # what a failed write left buffered; that error is raised already
+                pass
+            self.file = None
