@@ -1,6 +1,7 @@
 """train.py when things go wrong: signals, a full or read-only disk, poisoned checkpoints, two runs on one
 --out, bad arguments. Each test runs the real script and asserts the exit code, the single stderr line
 and the files left on disk."""
+import json
 import os
 import signal
 import subprocess
@@ -166,3 +167,32 @@ def test_resume_refuses_a_poisoned_checkpoint(tiny, tmp_path):
     assert err.strip().splitlines()[-1] == (f"error: {out / 'checkpoints' / 'step-4' / 'adapter'}: {key} holds 1 "
                                              "non-finite value(s) (NaN or ±inf); refusing a poisoned adapter")
     assert {p: (out / p).stat().st_mtime_ns for p in files(out)} == before      # nothing written
+
+
+def test_sigterm_under_torchrun_stops_every_rank_at_one_step(tiny, tmp_path):
+    """torchrun passes SIGTERM on to its workers; they agree on the step to stop at (one all-reduce per
+    step) and rank 0 writes that step's checkpoint with every rank's RNG state."""
+    out = tmp_path / "ddp"
+    args = long_run(tiny, out, "--max-steps", 100000, "--batch-size", 4, "--device", "cpu")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                str(ROOT / "train.py")]
+    run = subprocess.Popen([*torchrun, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    try:
+        wait_for(out / "checkpoints" / "step-4" / "state.json", run, timeout=180)
+        run.send_signal(signal.SIGTERM)
+        _, err = run.communicate(timeout=120)
+    finally:
+        run.kill()
+        run.wait()
+    assert run.returncode != 0
+    kept = [line for line in err.splitlines() if line.startswith("interrupted: checkpoint ")]
+    assert len(kept) == 2 and kept[0] == kept[1], err[-3000:]        # each rank's line: the same step
+    step = int(kept[0].split("(step ")[1].split(" ")[0])
+    ckpt = out / "checkpoints" / f"step-{step}"
+    assert json.loads((ckpt / "state.json").read_text())["step"] == step
+    rng = torch.load(ckpt / "trainer_state.pt", weights_only=True)["rng"]
+    assert len(rng) == 2                                             # both ranks took part in that step's save
+    assert "lora/" not in err                                        # no traceback from the workers (torchrun's own agent prints one)
+    assert not leftovers(out)

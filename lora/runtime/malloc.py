@@ -10,7 +10,7 @@ counts and the time measured on this project's CPU machine).
 `keep_freed_memory()` turns both off with two `mallopt` calls: no block is mmapped on its own
 (M_MMAP_MAX = 0), and the heap's top is trimmed only once more than 2 GiB of it is free
 (M_TRIM_THRESHOLD). The process then stays at its high-water mark, as PyTorch's CUDA caching
-allocator does on a GPU. It is process-wide, so the layers and ops never call it; `lora.training.trainer.train`
+allocator does on a GPU. It is process-wide, so the layers and ops never call it; `lora.training.train`
 (what train.py runs) does on CPU, unless `TrainConfig.keep_freed_memory` is False.
 """
 from __future__ import annotations

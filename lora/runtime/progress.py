@@ -14,6 +14,7 @@ class Progress:
 
     update(n, **postfix)   n units more; postfix: figures shown beside the bar (loss=…, tok_s=…)
     set(done, **postfix)   the count itself (a resumed run starts past 0)
+    force=True             the plain line is printed now, not at most once a second (a log step)
     """
 
     def __init__(self, total: int, desc: str, unit: str, enabled: bool = True, initial: int = 0,
@@ -33,10 +34,10 @@ class Progress:
                 self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, unit_scale=unit_scale,
                                 dynamic_ncols=True, file=sys.stderr)
 
-    def update(self, n: int = 1, **postfix) -> None:
-        self.set(self.done + n, **postfix)
+    def update(self, n: int = 1, force: bool = False, **postfix) -> None:
+        self.set(self.done + n, force, **postfix)
 
-    def set(self, done: int, **postfix) -> None:
+    def set(self, done: int, force: bool = False, **postfix) -> None:
         step, self.done = done - self.done, done
         if postfix:
             self.postfix = {k: v for k, v in postfix.items() if v is not None}
@@ -48,7 +49,7 @@ class Progress:
             self.bar.update(step)
             return
         now = time.monotonic()
-        if postfix or now - self.last_print >= self.min_interval or self.done >= self.total:
+        if force or now - self.last_print >= self.min_interval or self.done >= self.total:
             self.last_print = now
             print(self.line(now), file=sys.stderr, flush=True)
 

@@ -34,8 +34,10 @@ from . import distributed
 from .config import TrainConfig
 from .data import IGNORE, TokenizedData, load_dataset, split_eval
 from .evaluate import evaluate, token_nll_sum
-from .run_dir import (MetricsLog, TrainState, check_checkpoint, check_out_dir, checkpoint_steps, checkpoint_path, latest_checkpoint,
-                      load_checkpoint, run_record, save_checkpoint, start_run, truncate_metrics, write_eval)
+from .fsdp import check_fsdp, load_sharded_base_with_lora
+from .run_dir import (MetricsLog, TrainState, check_checkpoint, check_out_dir, checkpoint_path, checkpoint_steps,
+                      latest_checkpoint, load_checkpoint, run_record, save_checkpoint, start_run, truncate_metrics,
+                      write_eval)
 from .schedule import Plan, make_scheduler
 
 
@@ -84,6 +86,7 @@ class CheckedRun:
 def check_run(cfg: TrainConfig, out_mode: str | None = None) -> CheckedRun:
     check_inputs(cfg)
     device = resolve_device(cfg.device, distributed.world()[2], cfg.hpu_mode, cfg.hpu_graphs)
+    check_fsdp(cfg, device)
     record = run_record(cfg)
     mode = out_mode or check_out_dir(cfg, record)
     if mode == "resume" and latest_checkpoint(Path(cfg.out)) is not None:
@@ -101,7 +104,8 @@ def run_checked(run: CheckedRun) -> TrainResult:
     out = Path(cfg.out)
     if rank == 0:
         start_run(out, run.mode, run.record)
-    model, params = load_base_with_lora(cfg, device, dtype)
+    sharded = cfg.fsdp and distributed.world()[1] > 1       # one process: its one shard is the whole base
+    model, params = (load_sharded_base_with_lora if sharded else load_base_with_lora)(cfg, device, dtype)
     optimizer = device.make_optimizer(params, cfg.lr, cfg.adam_betas, cfg.adam_eps, cfg.weight_decay)
     scheduler = make_scheduler(optimizer, plan.warmup, plan.total)
     device.manual_seed(cfg.seed + 1 + rank)      # dropout masks differ between ranks
@@ -147,7 +151,7 @@ def run_checked(run: CheckedRun) -> TrainResult:
                 tokens_per_s = window.tokens_per_s()
                 metrics.write(step=step, epoch=state.epoch, loss=window.loss, lr=lr, grad_norm=grad_norm,
                               tokens_per_s=tokens_per_s)
-                progress.set(step, loss=f"{window.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+                progress.set(step, force=True, loss=f"{window.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
                 window.restart()
             else:
                 progress.set(step)
