@@ -55,24 +55,27 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
         time.sleep(0.05)
 
 
-# merge.py's main with the first merged weight held for a minute, on the main thread (where signals
-# land), after its shard's header is already written: a merge caught in the middle.
-HELD_MERGE = """
-import sys, time
+def held(script: str, module: str, function: str) -> str:
+    """Python code that runs `script` (argv: READY then the script's arguments) with `module.function`
+    held for a minute, on the main thread (where signals land), the first time it is called: READY
+    appears, and the work is caught in the middle."""
+    return f"""
+import runpy, sys, time
 from pathlib import Path
-import lora.merging.writer as writer
-ready = Path(sys.argv[1])
-merged_weight = writer.merged_weight
+import {module} as target
+ready, original = Path(sys.argv[1]), target.{function}
 def held(*args, **kw):
-    out = merged_weight(*args, **kw)
     ready.touch()
     time.sleep(60)
-    return out
-writer.merged_weight = held
-import runpy
-sys.argv = ["merge.py", *sys.argv[2:]]
-runpy.run_path("merge.py", run_name="__main__")
+    return original(*args, **kw)
+target.{function} = held
+sys.argv = ["{script}", *sys.argv[2:]]
+runpy.run_path("{script}", run_name="__main__")
 """
+
+
+# merge.py with its first merged weight held, inside the temporary output directory
+HELD_MERGE = held("merge.py", "lora.merging.writer", "merged_weight")
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
@@ -244,21 +247,7 @@ def test_infer_refuses_a_non_finite_adapter(work, tmp_path):
 
 
 # -- infer.py interrupted --------------------------------------------------------------------------
-HELD_INFER = """
-import sys, time
-from pathlib import Path
-import lora.inference.complete as complete
-ready = Path(sys.argv[1])
-generate = complete.generate
-def held(*args, **kw):
-    ready.touch()
-    time.sleep(60)
-    return generate(*args, **kw)
-complete.generate = held
-import runpy
-sys.argv = ["infer.py", *sys.argv[2:]]
-runpy.run_path("infer.py", run_name="__main__")
-"""
+HELD_INFER = held("infer.py", "lora.inference.complete", "generate")      # infer.py before its first batch
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])

@@ -6,25 +6,16 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from test_merge_infer_failures import files, small_tmpfs
+from test_merge_infer_failures import files, small_tmpfs, wait_for
 from test_train import adapter, metrics, run_cli, tiny, tiny_args  # noqa: F401  (tiny: a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.01)
 
 
 def long_run(tiny, out, *extra):
