@@ -202,15 +202,18 @@ def run_size(layers: int, args, work: Path) -> dict:
 
 
 def finite_check_seconds(layers: int) -> float:
-    """What ours spends refusing non-finite merges: one `isfinite(..).all()` pass over every merged
-    (bf16) weight of the checkpoint, timed alone here; ours' wall time above includes it."""
+    """What ours spends refusing non-finite merges: the check merge.py makes (lora.core.delta.all_finite,
+    one reduction pass) over every merged (bf16) weight of the checkpoint, timed alone here; ours' wall
+    time above includes it."""
     import torch
+
+    from lora.core.delta import all_finite
     g = torch.Generator().manual_seed(0)
     shapes = [shape for name, shape in llama_tensors(layers) if name.split(".")[-2] in TARGETS]
     weights = {shape: torch.randn(shape, generator=g).to(torch.bfloat16) for shape in set(shapes)}
     t0 = time.perf_counter()
     for shape in shapes:
-        assert bool(torch.isfinite(weights[shape]).all())
+        assert all_finite(weights[shape])
     return round(time.perf_counter() - t0, 3)
 
 

@@ -260,3 +260,16 @@ def test_signal_during_generation_is_one_line(work, tmp_path, signum, code):
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == code and stderr == "interrupted\n"
     assert files(tmp_path) == {"ready"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_all_finite_finds_one_bad_value_anywhere(dtype):
+    from lora.core.delta import all_finite
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(67, 129, generator=g).to(dtype)
+    assert all_finite(t) and all_finite(t[:0])
+    for value in (float("nan"), float("inf"), float("-inf")):
+        for i, j in ((0, 0), (66, 128), (31, 77)):
+            bad = t.clone()
+            bad[i, j] = value
+            assert not all_finite(bad), (value, i, j)

@@ -61,3 +61,12 @@ def merged_weight(W: torch.Tensor, terms: list[Term], out_dtype: torch.dtype,
     # A same-dtype add after an explicit upcast is several times faster than a mixed-dtype add_.
     delta.add_(W if W.dtype == torch.float32 else ws.get("w32", W.shape, torch.float32, W.device).copy_(W))
     return out.copy_(delta)                                                     # the one rounding (RNE)
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN and no ±inf in `t`, in one reduction pass and no temporary of t's size: NaN propagates
+    through min and max, and an infinity is the min or the max."""
+    if t.numel() == 0 or not t.is_floating_point():
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))

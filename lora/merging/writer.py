@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.delta import Workspace, merged_weight
+from ..core.delta import Workspace, all_finite, merged_weight
 from ..errors import LoRAFailure
 from ..runtime.progress import Progress
 from ..storage.safetensors_stream import ST_DTYPES, Shard, copy_bytes, out_dtype, pread_exact, shard_header, write_all
@@ -150,7 +150,7 @@ def write_shard(shard: Shard, out_path: Path, plan: dict[str, list[Update]], ada
 def check_merged_finite(name: str, merged: torch.Tensor, W: torch.Tensor) -> None:
     """A merge never writes NaN or ±inf into a weight that had none (an update too large for the
     output dtype overflows to inf). One pass over the merged weight; W is read only if that fails."""
-    if not bool(torch.isfinite(merged).all()) and bool(torch.isfinite(W).all()):
+    if not all_finite(merged) and all_finite(W):
         bad = (~torch.isfinite(merged)).sum().item()
         raise LoRAFailure(f"{name}: the merged weight has {bad} non-finite value(s) where the base had none "
                           f"(the update overflows {merged.dtype}); nothing written")
