@@ -31,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", metavar="DIR", help="LoRA adapter directory in PEFT format, made for this model")
     p.add_argument("--merge", action="store_true",
                    help="fold the adapter into the base weights in memory before generating (faster; same tokens)")
+    p.add_argument("--quantize", choices=("nf4",), default=None,
+                   help="nf4: quantize the base's Linears (all but the output head) to 4-bit NF4 while reading "
+                        "the checkpoint, as QLoRA trains on (docs/qlora.md); a bitsandbytes 4-bit checkpoint is "
+                        "read as 4-bit without it. Not with --merge (default: the checkpoint as it is)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", metavar="TEXT", help="one prompt; its reply is streamed to stdout as it is generated")
     src.add_argument("--prompt-file", metavar="PATH",
@@ -115,7 +119,7 @@ def run(args: argparse.Namespace) -> None:
     if args.prompt is not None and not args.prompt.strip():
         raise LoRAError("empty prompt")
     model, tokenizer = load_for_generation(args.model, args.adapter, args.merge, args.device, args.dtype,
-                                           args.trust_remote_code)
+                                           args.trust_remote_code, args.quantize)
     common = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, batch_size=args.batch_size,
                   chat_template=args.chat_template, fmt=args.format, bucket=args.bucket, warmup=True)
     if args.prompt is not None:

@@ -26,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "renamed into place at the end).")
     p.add_argument("--base", metavar="DIR", default=f"{DEMO}/base",
                    help="base checkpoint: model.safetensors or model.safetensors.index.json + shards, "
-                        f"config.json, tokenizer files (default {DEMO}/base)")
+                        "config.json, tokenizer files; a bitsandbytes 4-bit NF4 checkpoint is written dequantized "
+                        f"(bf16, or --dtype) with the adapter folded in fp32 (default {DEMO}/base)")
     p.add_argument("--adapter", metavar="DIR", action="append",
                    help="adapter directory (adapter_config.json + adapter_model.safetensors, ours or PEFT's); "
                         f"repeat for several adapters (default {DEMO}/adapter)")

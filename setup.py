@@ -12,7 +12,8 @@ setup(
     # The ranges CI installs and tests (.ci/run); nothing in the package branches on a version.
     install_requires=["torch>=2.13", "transformers>=5.24,<6", "safetensors>=0.4", "numpy", "tokenizers"],
     extras_require={
-        "test": ["pytest>=7", "triton>=3.0; platform_system == 'Linux'", "tqdm", "matplotlib"],
+        "test": ["pytest>=7", "triton>=3.0; platform_system == 'Linux'", "tqdm", "matplotlib",
+                 "bitsandbytes>=0.45", "peft>=0.13"],
         "plot": ["matplotlib"],
         "bench": ["peft>=0.13", "matplotlib"],
     },

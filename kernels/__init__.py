@@ -2,6 +2,8 @@
 
     lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=None)
         y = x Wᵀ + b + scaling · (dropout(x) Aᵀ) Bᵀ, autograd to x, lora_A, lora_B (W, b frozen)
+    nf4_dequantize(weight, dtype)      an NF4 weight (lora/quant/nf4.py) as a dense tensor, bit-exact
+    nf4_matmul(x, weight, bias)        x Wᵀ + b with W dequantized in the K loop, for M ≤ 16 rows (decode)
 
 Runs on CUDA tensors, and on CPU tensors when TRITON_INTERPRET=1 is set before this package is
 imported (how CI tests it). See docs/kernels.md for the design.
@@ -18,8 +20,11 @@ except ImportError:
 
     def lora_linear(*args, **kwargs):
         raise ImportError("lora.kernels needs triton (pip install triton); use lora.set_backend('torch')")
+    nf4_dequantize = nf4_matmul = lora_linear
 else:
     from .autograd import lora_linear
     from .dropout import dropout_mask
+    from .nf4_dequant import nf4_dequantize
+    from .nf4_matmul import MAX_M as nf4_matmul_max_rows, nf4_matmul
 
     AVAILABLE = True

@@ -363,3 +363,56 @@ def test_kernels_compile_for_h100():
     assert r.returncode == 0, r.stderr[-3000:]
     for name in ("shrink", "gemm", "dy_pass", "grad_a", "dropout_mask"):
         assert f"{name}: sm_90 bf16 cubin" in r.stdout
+
+
+# -- NF4 (lora/quant/nf4.py): the dequantize kernel and the decode-size fused dequantize-and-multiply --
+
+NF4_SHAPES = [(29, 45), (37, 131), (7, 9), (300, 70), (1, 1)]     # ragged 64-blocks, odd element counts
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_nf4_dequantize_kernel_is_bit_exact(dtype, double_quant, poisoned_outputs):
+    from lora.kernels import nf4_dequantize
+    for shape in NF4_SHAPES:
+        q = lora.quantize_nf4(torch.randn(shape).to(dtype), double_quant=double_quant).to(DEVICE)
+        assert torch.equal(nf4_dequantize(q), q.dequantize()), shape
+        assert torch.equal(nf4_dequantize(q, torch.float32), q.dequantize(torch.float32)), shape
+    assert len(poisoned_outputs) == 2 * len(NF4_SHAPES)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M", [1, 5, 16])
+def test_nf4_matmul_against_float64(dtype, M, poisoned_outputs):
+    from lora.kernels import nf4_matmul
+    g = torch.Generator().manual_seed(M)
+    for (N, K), bias in (((29, 45), True), ((67, 131), False), ((33, 200), True)):
+        q = lora.quantize_nf4((torch.randn(N, K, generator=g) / K ** 0.5).to(dtype)).to(DEVICE)
+        x = torch.randn(M, K, generator=g).to(DEVICE, dtype)
+        b = torch.randn(N, generator=g).to(DEVICE, dtype) if bias else None
+        ref = x.double() @ q.dequantize().double().t() + (b.double() if bias else 0)
+        assert_near(nf4_matmul(x, q, b), ref, dtype)
+    with pytest.raises(lora.LoRAError, match="M ≤ 16"):
+        nf4_matmul(torch.zeros(17, 45, device=DEVICE), lora.quantize_nf4(torch.ones(3, 45)).to(DEVICE))
+
+
+@pytest.mark.parametrize("M", [3, 40])
+def test_nf4_base_generates_through_the_kernels(M, poisoned_outputs):
+    """No gradients on the Triton path: M ≤ 16 by the fused kernel, more rows by the dequantize kernel
+    and the LoRA kernels; a frozen NF4Linear the same way."""
+    from lora.quant.linear import NF4Linear
+    torch.manual_seed(0)
+    base = NF4Linear.from_linear(torch.nn.Linear(45, 29)).to(DEVICE)
+    layer = lora.LoRALinear(base, r=4, alpha=8.0, init_lora_weights=False).to(DEVICE)
+    x = torch.randn(M, 45, device=DEVICE)
+    W = base.weight.dequantize(torch.float64)
+    ref = x.double() @ W.t() + base.bias.double()
+    lora_ref = ref + layer.scaling * (x.double() @ layer.lora_A.double().t()) @ layer.lora_B.double().t()
+    lora.set_backend("triton")
+    try:
+        with torch.no_grad():
+            assert_near(layer(x), lora_ref, torch.float32)
+            assert_near(base(x), ref, torch.float32)
+    finally:
+        lora.set_backend("auto")
+    assert poisoned_outputs                                            # the kernels ran

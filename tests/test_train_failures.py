@@ -187,3 +187,21 @@ def test_sigterm_under_torchrun_stops_every_rank_at_one_step(tiny, tmp_path):
     assert len(rng) == 2                                             # both ranks took part in that step's save
     assert "lora/" not in err                                        # no traceback from the workers (torchrun's own agent prints one)
     assert not leftovers(out)
+
+
+@pytest.mark.parametrize("kind", ["directory", "symlink-loop"])
+def test_a_data_path_that_is_no_file_is_one_line(tiny, tmp_path, kind):
+    data = tmp_path / "data.jsonl"
+    if kind == "directory":
+        data.mkdir()
+        message = f"error: {data}: is a directory (expected a data file)\n"
+    else:
+        data.symlink_to(data)
+        message = f"error: {data}: a symbolic link to nothing (a loop, or its target is gone)\n"
+    args = tiny_args(tiny, tmp_path / "out", "--max-steps", 2)
+    args[args.index("--data") + 1] = str(data)
+    r = run_cli(args)
+    _, err = r.communicate()
+    assert r.returncode == 2 and err == message
+    assert files(tmp_path) == {"data.jsonl"}
+

@@ -7,6 +7,10 @@
 - in graph-safe mode (HPU, set by lora.runtime.device), dropout from the device RNG instead of a host seed,
   and the LoRA input always saved, never rebuilt from the autograd graph (lora/core/recompute.py).
 Autocast is resolved here, as `nn.Linear` would: every input is cast to the autocast dtype.
+A 4-bit base (NF4Weight) takes the plain op, its weight dequantized where used (lora/quant/), whenever
+gradients are wanted: autograd then keeps only the packed weight. Without gradients (generation) on
+the Triton path, decode sizes (M ≤ 16 rows) run the fused dequantize-and-multiply kernel, larger ones
+the dequantize kernel and then the LoRA kernels.
 """
 from __future__ import annotations
 
@@ -15,6 +19,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from ..quant.linear import base_linear
+from ..quant.nf4 import NF4Weight
 from .op import lora_linear_torch
 
 _BACKEND = "auto"   # "auto" | "torch" | "triton"
@@ -89,7 +95,10 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: floa
     dtype = _compute_dtype(x, weight)
     args = _cast(x, weight, bias, lora_A, lora_B, dtype)
     with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
-        if uses_triton(x):
+        if uses_triton(x) and isinstance(weight, NF4Weight):
+            if not (torch.is_grad_enabled() and any(t.requires_grad for t in args)):
+                return _nf4_lora_linear_triton(*args, scaling, dropout_p)
+        elif uses_triton(x):
             from ..kernels import lora_linear as lora_linear_triton
             return lora_linear_triton(*args, scaling, dropout_p, recompute_input=_RECOMPUTE and not _GRAPH_SAFE)
         if _GRAPH_SAFE and dropout_p > 0:
@@ -97,10 +106,22 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: floa
         return lora_linear_torch(*args, scaling, dropout_p, recompute_input=_RECOMPUTE and not _GRAPH_SAFE)
 
 
+def _nf4_lora_linear_triton(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
+    """Inference over an NF4 base on the kernels: the fused dequantize-and-multiply for M ≤ 16 rows plus
+    the LoRA term by two small GEMMs; else the weight dequantized by its kernel for the LoRA kernels."""
+    from .. import kernels
+    x2 = x.reshape(-1, x.shape[-1])                                            # (M, in)
+    if x2.shape[0] <= kernels.nf4_matmul_max_rows and dropout_p == 0:
+        y = kernels.nf4_matmul(x2, weight, bias)                               # x Wᵀ + b  (M, out)
+        y = torch.addmm(y, torch.mm(x2, lora_A.t()), lora_B.t(), alpha=scaling)
+        return y.view(*x.shape[:-1], weight.shape[0])
+    return kernels.lora_linear(x, kernels.nf4_dequantize(weight, x.dtype), bias, lora_A, lora_B, scaling, dropout_p)
+
+
 def _lora_linear_graph_safe(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
     """Plain autograd ops, dropout from the device RNG: capturable as one static graph."""
     xd = F.dropout(x, dropout_p, training=True)
-    return torch.addmm(F.linear(x, weight, bias).flatten(0, -2), F.linear(xd, lora_A).flatten(0, -2),
+    return torch.addmm(base_linear(x, weight, bias).flatten(0, -2), F.linear(xd, lora_A).flatten(0, -2),
                        lora_B.t(), alpha=scaling).view(*x.shape[:-1], weight.shape[0])
 
 

@@ -17,6 +17,7 @@ from .config import LoRAConfig
 from ..errors import LoRAError
 from .group import SharedInputGroup
 from .layer import LoRALinear
+from ..quant.nf4 import NF4Weight
 
 # Sibling projections that Llama/Mistral/Qwen2 call one after the other on the same input.
 SHARED_INPUT_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -27,7 +28,7 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def _output_head_names(model: nn.Module) -> set[str]:
+def output_head_names(model: nn.Module) -> set[str]:
     heads = {"lm_head"}
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
@@ -63,7 +64,7 @@ def _excluded(name: str, exclude) -> bool:
 
 def select_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
     """Names of the nn.Linear modules `config` adapts; a one-line error if a target matches nothing."""
-    heads = _output_head_names(model)
+    heads = output_head_names(model)
     modules = dict(model.named_modules())
     linears = [n for n, m in modules.items() if isinstance(m, nn.Linear) and not isinstance(m, LoRALinear)]
     candidates = sorted({n.split(".")[-1] for n in linears})
@@ -161,4 +162,5 @@ def trainable_parameters(model: nn.Module) -> str:
     """PEFT's report: 'trainable params: 4,194,304 || all params: 6,742,609,920 || trainable%: 0.0622'."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
+    total += sum(m.numel() for m in model.modules() if isinstance(m, NF4Weight))   # 4-bit weights count whole
     return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"

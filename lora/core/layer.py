@@ -8,6 +8,9 @@
 B·A (out × in) is never built in the forward: the shrink (x Aᵀ, r columns) and the expand cost
 O(M·r·(in+out)) instead of O(out·in·r) + another GEMM. `merge()` folds the update into W
 (fp32 sum, one rounding) for inference; `unmerge()` subtracts it again.
+
+The base may be 4-bit (an NF4Linear, lora/quant/): W is then dequantized where it is used, in the
+forward and again in backward for dX, and is never merged in place (merge.py writes a merged copy).
 """
 from __future__ import annotations
 
@@ -16,11 +19,13 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import backend
 from .config import check_init_mode, lora_scaling
 from .delta import Term, merged_weight
+from ..errors import LoRAError
+from ..quant.linear import NF4Linear, base_linear
+from ..quant.nf4 import NF4Weight
 
 
 class LoRALinear(nn.Module):
@@ -32,7 +37,7 @@ class LoRALinear(nn.Module):
                  lora_dtype: torch.dtype | None = None):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight                                  # (out, in), frozen
+        self.weight = base.weight                                  # (out, in), frozen; or an NF4Weight
         self.bias = base.bias                                      # (out,) or None, frozen
         self.weight.requires_grad_(False)
         if self.bias is not None:
@@ -68,13 +73,16 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or self.disabled:
-            return F.linear(x, self.weight, self.bias)
+            return base_linear(x, self.weight, self.bias)
         p = self.lora_dropout if self.training else 0.0
         return backend.lora_forward(self, x, p)    # x Wᵀ + b + scaling · (dropout_p(x) Aᵀ) Bᵀ
 
     # -- merge / unmerge --------------------------------------------------------------------
     def _fold(self, sign: float) -> None:
         """W ← round(fp32(W) + sign · scaling · B A), by the merge formula of lora/core/delta.py."""
+        if isinstance(self.weight, NF4Weight):
+            raise LoRAError("cannot merge an adapter into a 4-bit base in place; merge.py writes the merged "
+                            "model (--base: the original full-precision weights or the 4-bit checkpoint)")
         term = Term(self.lora_A.detach(), self.lora_B.detach(), self.scaling, sign)
         merged_weight(self.weight.detach(), [term], self.weight.dtype, out=self.weight.data)
 
@@ -104,7 +112,10 @@ class LoRALinear(nn.Module):
             self.disabled = old
 
     def to_linear(self) -> nn.Linear:
-        """A plain `nn.Linear` sharing this layer's (merged, if merged) weight and bias."""
+        """A plain `nn.Linear` sharing this layer's (merged, if merged) weight and bias; an NF4Linear
+        over a 4-bit base."""
+        if isinstance(self.weight, NF4Weight):
+            return NF4Linear(self.weight, self.bias)
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                         device="meta")
         lin.weight, lin.bias = self.weight, self.bias

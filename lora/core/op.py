@@ -31,6 +31,10 @@ copy of x with the dropped elements zeroed, which the shrink made anyway, so x c
 backward drops nothing again. Besides: s_i · S_i (M × Σr, tiny), [A_1; …; A_n] (A itself for one
 member) and the flat indices of the dropped elements (≈ p · M · in int32s: a twentieth of x's size at
 p = 0.05), for the mask on dX and the recomputed x.
+
+A 4-bit base (W_i an NF4Weight, lora/quant/): each W_i is dequantized for its base GEMM and dropped
+after it; backward keeps the packed weight and dequantizes it again for dY_i W_i. A dense W_i takes
+exactly the ops above (`dense` returns it untouched).
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ import itertools
 
 import torch
 
+from ..quant.linear import dense
 from ..runtime.seed import new_seed
 from .dropout import compact, drop, drop_, dropped_positions
 from .recompute import product_recipe, recompute
@@ -82,10 +87,12 @@ class LoRAFunction(torch.autograd.Function):
         for W, b, B, s, S_i in zip(Ws, bs, Bs, scalings, member_columns(S, ranks)):
             S_i.mul_(s)                                                  # s_i · S_i: the scale on the small side, once
             y = expand(S_i, B, b)                                        # b_i + s_i · S_i B_iᵀ  (M, out_i)
-            y.addmm_(x2, W.t())                                          # y += x W_iᵀ: the base GEMM accumulates
+            y.addmm_(x2, dense(W, x2.dtype).t())                         # y += x W_iᵀ: the base GEMM accumulates
             outs.append(y.view(*x.shape[:-1], W.shape[0]))
+        dense_Ws = [W if isinstance(W, torch.Tensor) else None for W in Ws]
         ctx.save_for_backward(None if recipe else xd, S, A_cat, None if dropped is None else compact(dropped, x2.numel()),
-                              *Ws, *Bs)
+                              *dense_Ws, *Bs)
+        ctx.packed_Ws = [None if isinstance(W, torch.Tensor) else W for W in Ws]   # NF4 bases: packed only
         ctx.ranks, ctx.scalings, ctx.dropout_p = ranks, scalings, dropout_p
         ctx.x_shape, ctx.x_dtype, ctx.recipe = x.shape, x.dtype, recipe       # recipe: x rebuilt in backward
         return tuple(outs)
@@ -95,7 +102,8 @@ class LoRAFunction(torch.autograd.Function):
         ranks, scalings, p = ctx.ranks, ctx.scalings, ctx.dropout_p
         n = len(ranks)
         xd, S, A_cat, dropped, *rest = ctx.saved_tensors
-        Ws, Bs = rest[:n], rest[n:]
+        Ws = [W if W is not None else q for W, q in zip(rest[:n], ctx.packed_Ws)]
+        Bs = rest[n:]
         dY2 = [dY.reshape(-1, W.shape[0]) for dY, W in zip(dYs, Ws)]     # (M, out_i)
         dSs = [torch.mm(d, B).mul_(s) for d, B, s in zip(dY2, Bs, scalings)]    # (M, r_i)
         dS = dSs[0] if n == 1 else torch.cat(dSs, dim=1)                 # (M, Σr)
@@ -120,7 +128,7 @@ class LoRAFunction(torch.autograd.Function):
             if dropped is not None:
                 drop_(dX, dropped)                                       # (dS A) ⊙ mask
             for d, W in zip(dY2, Ws):
-                dX.addmm_(d, W)                                          # += Σ_i dY_i W_i in the same buffer
+                dX.addmm_(d, dense(W, d.dtype))                          # += Σ_i dY_i W_i in the same buffer
             dX = dX.view(ctx.x_shape)
         return (dX, None, None, None, None, *([None] * (2 * n)), *dAs, *dBs)
 

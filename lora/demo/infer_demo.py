@@ -21,7 +21,8 @@ N_SHOWN = 8
 
 def run_infer_demo(demo_dir: Path, args, sampling: Sampling) -> None:
     model, tokenizer = load_for_generation(demo_dir / "base", demo_dir / "adapter", merge=False, device=args.device,
-                                           dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+                                           dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                                           quantize=args.quantize)
     examples = heldout_examples(N_SHOWN)
     prompts = [e["prompt"] for e in examples]
     # Enough for the longest expected answer and its </s>: the random base never stops by itself.

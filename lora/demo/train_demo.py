@@ -63,7 +63,7 @@ def _build_and_train(cfg: TrainConfig, out: Path, mode: str) -> dict:
     tokenizer = load_tokenizer(cfg.model)
     before = None
     if rank == 0:
-        base = load_model(cfg.model, device.resolve_dtype(cfg.dtype)).to(device.torch_device)
+        base = load_model(cfg.model, device.resolve_dtype(cfg.dtype), quantize=cfg.quantize).to(device.torch_device)
         before = exact_match(base, tokenizer, heldout)
         print(f"held-out exact match before training: {before:.3f}", file=sys.stderr)
         del base

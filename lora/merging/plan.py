@@ -16,7 +16,7 @@ from pathlib import Path
 from ..core.delta import Term
 from ..errors import LoRAError
 from ..storage.adapter import PREFIX, WEIGHTS_NAME, check_finite, read_adapter_config, weights_path
-from ..storage.safetensors_stream import FLOAT_NAMES, ST_DTYPES, Entry, pread_exact, read_shard_header
+from ..storage.safetensors_stream import FLOAT_NAMES, Entry, read_shard_header, read_tensor
 
 _KEY = re.compile(rf"^{re.escape(PREFIX)}(.+)\.lora_([AB])\.weight$")
 
@@ -32,8 +32,7 @@ class Update:
     weight: float
 
     def load(self, fd: int) -> Term:
-        A, B = (pread_exact(fd, e.nbytes, e.begin, self.path).view(ST_DTYPES[e.dtype][1]).reshape(e.shape)
-                for e in (self.lora_A, self.lora_B))
+        A, B = (read_tensor(fd, e, self.path) for e in (self.lora_A, self.lora_B))
         return Term(A, B, self.scaling, self.weight)
 
     def check_finite(self) -> None:

@@ -7,6 +7,9 @@ checkpoint tensor `<module>.weight`) the merged weight is lora/core/delta.py's, 
 
 Every other tensor is copied byte for byte. The output keeps the base's shard files, tensor order
 and index; only `dtype` changes bytes elsewhere (float tensors converted, config.json's dtype set).
+A bitsandbytes 4-bit base (lora/storage/quantized.py) is written as the full-precision checkpoint it
+stands for: each 4-bit weight dequantized (the adapter folded in fp32 where it has one) and written
+as bf16 or `dtype`, its statistics dropped, config.json without its quantization_config.
 
 Memory stays flat in the number of layers: headers are parsed by hand (lora/storage/safetensors_stream.py),
 the adapters' A and B are read only when their weight comes up (plan.py), and each shard is written
@@ -37,6 +40,7 @@ from ..runtime.progress import Progress
 from ..runtime.signals import Interrupted
 from ..storage.atomic import atomic_dir, clean_stale
 from ..storage.lock import OutputLock
+from ..storage.quantized import dequantized_layout
 from ..storage.safetensors_stream import DTYPE_ARG, read_checkpoint, shard_header
 from .plan import plan_updates
 from .side_files import copy_side_files, side_files, write_index
@@ -145,6 +149,7 @@ def merge_checkpoint(base_dir, adapter_dirs, out_dir, weights=None, dtype=None, 
 
     # Everything that can be wrong with the inputs is found here, before the first byte is written.
     shards, index = read_checkpoint(base_dir)
+    shards, nf4 = dequantized_layout(shards, out_dt or "BF16")
     entries = {t.name: t for s in shards for t in s.entries}
     if len(entries) != sum(len(s.entries) for s in shards):
         raise LoRAError(f"{base_dir}: a tensor name appears in more than one shard")
@@ -164,10 +169,10 @@ def merge_checkpoint(base_dir, adapter_dirs, out_dir, weights=None, dtype=None, 
                     adapter_fds[path] = fd = os.open(path, os.O_RDONLY)
                     stack.callback(os.close, fd)
                 for shard in shards:
-                    write_shard(shard, tmp / shard.path.name, plan, adapter_fds, out_dt, writer, ws)
+                    write_shard(shard, tmp / shard.path.name, plan, adapter_fds, out_dt, writer, ws, nf4)
             if index is not None:
-                write_index(index, tmp, sum(sizes))
-            report.side_files = copy_side_files(base_dir, tmp, out_dt)
+                write_index(index, tmp, sum(sizes), set(entries))
+            report.side_files = copy_side_files(base_dir, tmp, out_dt, dequantized=bool(nf4))
             bar.close()
             report.bytes_written = sum(sizes)
             report.seconds = time.monotonic() - t0

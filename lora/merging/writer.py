@@ -23,6 +23,7 @@ from ..core.delta import Workspace, all_finite, merged_weight
 from ..errors import LoRAFailure
 from ..runtime.progress import Progress
 from ..storage.safetensors_stream import ST_DTYPES, Shard, copy_bytes, out_dtype, pread_exact, shard_header, write_all
+from ..storage.quantized import read_nf4
 from .plan import Update
 
 _CONVERT_ELEMS = 4 * 1024 * 1024     # elements per dtype-conversion step
@@ -115,18 +116,26 @@ class Writer:
 
 
 def write_shard(shard: Shard, out_path: Path, plan: dict[str, list[Update]], adapter_fds: dict[Path, int],
-                dtype: str | None, writer: Writer, ws: Workspace) -> None:
+                dtype: str | None, writer: Writer, ws: Workspace, nf4: dict | None = None) -> None:
     """One output shard: its header, then every tensor in the base shard's order (merged, converted or
-    copied). The reads and the math run here; the writes are queued on `writer`."""
+    copied). `nf4`: the stored parts of a 4-bit base's weights (lora/storage/quantized.py), which are
+    dequantized in fp32 first. The reads and the math run here; the writes are queued on `writer`."""
     header, _ = shard_header(shard, dtype)
     src = writer.open(shard.path, os.O_RDONLY)
     dst = writer.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     writer.submit(write_all, dst, header, fd=dst)
     for t in shard.entries:
         out = out_dtype(t, dtype)
-        if t.name in plan:
-            raw = pread_exact(src, t.nbytes, t.begin, shard.path, ws.get("W", (t.nbytes,), torch.uint8))
-            W = raw.view(ST_DTYPES[t.dtype][1]).view(t.shape)
+        quantized = nf4 is not None and t.name in nf4
+        if quantized and t.name not in plan:                # dequantized, written in the output dtype
+            W = read_nf4(src, nf4[t.name], shard.path).dequantize(torch.float32)        # (out, in) fp32
+            writer.write_tensor(dst, writer.buffer(t.shape, ST_DTYPES[out][1]).copy_(W), t.nbytes, True)
+        elif t.name in plan:
+            if quantized:
+                W = read_nf4(src, nf4[t.name], shard.path).dequantize(torch.float32)    # (out, in) fp32
+            else:
+                raw = pread_exact(src, t.nbytes, t.begin, shard.path, ws.get("W", (t.nbytes,), torch.uint8))
+                W = raw.view(ST_DTYPES[t.dtype][1]).view(t.shape)
             terms = [u.load(adapter_fds[u.path]) for u in plan[t.name]]
             merged = merged_weight(W, terms, ST_DTYPES[out][1], ws, writer.buffer(t.shape, ST_DTYPES[out][1]))
             check_merged_finite(t.name, merged, W)

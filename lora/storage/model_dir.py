@@ -3,7 +3,8 @@
     check_model_dir(dir)        config.json as a dict; one-line errors for what cannot be loaded
     skeleton(dir or config)     the model's modules on the meta device: names and shapes, no weights
     load_tokenizer(dir)         the directory's own tokenizer, nothing downloaded
-    load_model(dir, dtype)      the causal LM from *.safetensors only, no remote code unless asked
+    load_model(dir, dtype)      the causal LM from *.safetensors only, no remote code unless asked;
+                                a 4-bit base (quantized.py) when the checkpoint is one or `quantize` asks
 
 setup.py pins transformers to the range CI tests, so nothing here (or anywhere) asks which version
 it runs on.
@@ -18,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import LoRAError
+from .quantized import checkpoint_quantization, load_quantized
 
 
 def check_model_dir(model_dir: str | os.PathLike, flag: str = "--model", need_tokenizer: bool = True) -> dict:
@@ -37,6 +39,7 @@ def check_model_dir(model_dir: str | os.PathLike, flag: str = "--model", need_to
         raise LoRAError(f"{flag} {model_dir}: no *.safetensors weights (pickle .bin files are not loaded)")
     if need_tokenizer and not (p / "tokenizer.json").is_file() and not (p / "tokenizer_config.json").is_file():
         raise LoRAError(f"{flag} {model_dir}: no tokenizer (tokenizer.json) in the model directory")
+    checkpoint_quantization(config, f"{flag} {model_dir}")
     return config
 
 
@@ -50,10 +53,15 @@ def load_tokenizer(model_dir: str | os.PathLike, trust_remote_code: bool = False
 
 
 def load_model(model_dir: str | os.PathLike, dtype: torch.dtype | str = "auto",
-               trust_remote_code: bool = False) -> nn.Module:
+               trust_remote_code: bool = False, quantize: str | None = None) -> nn.Module:
     """The causal LM in `model_dir` on the CPU, from safetensors only; `dtype` "auto" keeps the
-    checkpoint's own. Nothing is downloaded, and no code from the directory runs unless asked."""
+    checkpoint's own. Nothing is downloaded, and no code from the directory runs unless asked.
+    A bitsandbytes 4-bit checkpoint, or `quantize="nf4"`, gives a 4-bit base (lora/storage/quantized.py)."""
     from transformers import AutoModelForCausalLM
+    if quantize is not None or checkpoint_quantization(check_model_dir(model_dir, need_tokenizer=False)):
+        if quantize not in (None, "nf4"):
+            raise LoRAError(f"--quantize {quantize}: not supported; supported: nf4")
+        return load_quantized(model_dir, dtype, quantize, trust_remote_code)
     try:
         return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, use_safetensors=True,
                                                     local_files_only=True, trust_remote_code=trust_remote_code)
@@ -71,6 +79,8 @@ def skeleton(model_dir_or_config, trust_remote_code: bool = False) -> nn.Module:
             config = AutoConfig.from_pretrained(str(config), local_files_only=True, trust_remote_code=trust_remote_code)
         except (OSError, ValueError, KeyError) as e:
             raise LoRAError(f"{model_dir_or_config}: cannot read its config ({first_line(e)})") from None
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config         # the module tree only: transformers must not quantize
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 

@@ -150,6 +150,14 @@ def pread_exact(fd: int, n: int, offset: int, path: Path, buf: torch.Tensor | No
     return buf
 
 
+def read_tensor(fd: int, entry: Entry, path: Path, buf: torch.Tensor | None = None) -> torch.Tensor:
+    """The tensor `entry` of the open shard `fd` (into `buf`, a uint8 tensor of entry.nbytes, when given)."""
+    dtype = ST_DTYPES[entry.dtype][1]
+    if dtype is None:
+        raise LoRAError(f"{path}: tensor {entry.name} has dtype {entry.dtype}, which torch cannot hold")
+    return pread_exact(fd, entry.nbytes, entry.begin, path, buf).view(dtype).reshape(entry.shape)
+
+
 def write_all(fd: int, data: torch.Tensor | bytes) -> None:
     """Write a tensor's raw bytes (or bytes) at fd's position; os.write may write less than asked."""
     if isinstance(data, torch.Tensor):

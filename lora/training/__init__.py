@@ -7,6 +7,7 @@
     loop.py         train(): the loop, one step, the model loaded with its adapter
     evaluate.py     the token loss and the eval loss
     distributed.py  torchrun's environment and the collectives the loop makes
+    fsdp.py         --fsdp: the frozen base sharded over the processes (FSDP2), the adapter replicated
     run_dir.py      the output directory: run.json, checkpoints, metrics.jsonl, eval.json
     fingerprint.py  digests of the data and model files, kept in run.json
 """

@@ -48,6 +48,10 @@ class TrainConfig:
                                 shown="0: none")
     max_seq_len: int = setting(512, help="tokens per example: records are cut/padded to it, or packed into "
                                          "blocks of it", group=IO)
+    quantize: str | None = setting(None, help="nf4: the base's Linears (all but the output head) quantized to "
+                                              "4-bit NF4 while the checkpoint is read, bitsandbytes' format "
+                                              "(QLoRA; docs/qlora.md). A bitsandbytes 4-bit checkpoint is 4-bit "
+                                              "without it", group=IO, shown="none: the checkpoint as it is")
     pack: bool = setting(False, help="concatenate records into blocks of --max-seq-len instead of padding each",
                          group=IO)
 
@@ -75,6 +79,12 @@ class TrainConfig:
 
     grad_checkpointing: bool = setting(False, help="recompute activations in backward: less memory, one more "
                                                    "forward pass of compute", group=RUN)
+    fsdp: bool = setting(False, help="under torchrun: shard the frozen base over the processes with FSDP2 "
+                                     "(each rank holds and reads about 1/N of it) instead of a whole copy on each; "
+                                     "the adapter stays replicated. CPU and CUDA, not HPU or a 4-bit base. One "
+                                     "process: the whole base, as without it. "
+                                     "The same adapter as without it, bit for bit, so a run may be resumed with "
+                                     "or without it (lora/training/fsdp.py, docs/fsdp.md)", group=RUN, same_run=True)
     eval_every: int = setting(0, help="eval loss every N steps", group=RUN, shown="0: at the end only",
                               same_run=True)
     save_every: int = setting(200, help="checkpoint every N steps, and always at the end", group=RUN,
@@ -89,7 +99,8 @@ class TrainConfig:
         True, help="CPU on Linux/glibc: keep freed memory in the process instead of handing it back to the "
                    "kernel after every step, so steps reuse warm pages instead of page-faulting fresh ones "
                    "(lora/runtime/malloc.py; docs/train.md has the gain measured); the process stays at its "
-                   "peak memory. Ignored elsewhere", group=RUN, same_run=True)
+                   "peak memory. Ignored elsewhere and under torchrun --fsdp (whose all-gathered weights would stay "
+                   "held: it doubles a rank's peak)", group=RUN, same_run=True)
     lora: LoRAConfig = setting(help="the adapter's hyper-parameters", group=LORA, default_factory=LoRAConfig)
 
     def __post_init__(self) -> None:
@@ -116,6 +127,11 @@ class TrainConfig:
             raise LoRAError(f"--adam-betas must be two numbers in [0, 1), got {self.adam_betas}")
         if not self.adam_eps > 0:
             raise LoRAError(f"--adam-eps must be > 0, got {self.adam_eps}")
+        if self.quantize not in (None, "nf4"):
+            raise LoRAError(f"--quantize must be nf4, got {self.quantize!r}")
+        if self.quantize and self.fsdp:
+            raise LoRAError("--quantize nf4 with --fsdp is not supported: shard a full-precision base, or "
+                            "train a 4-bit base on one process")
         if self.eval_data and self.eval_split:
             raise LoRAError("give --eval-data or --eval-split, not both")
 

@@ -20,16 +20,17 @@ def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(model, data: TokenizedData, batch_size: int, device: Device, dtype: torch.dtype) -> float:
     """Mean token NLL over `data`, its batches sharded over the processes. Batches keep one shape:
-    the last is filled with masked rows."""
+    the last is filled with masked rows, and every rank runs as many (a rank short of one runs a fully
+    masked batch: under --fsdp each forward is a collective all ranks take part in)."""
     rank, world, _ = distributed.world()
     was_training = model.training
     model.eval()
     n = len(data)
     total = torch.zeros(2, dtype=torch.float64, device=device.torch_device)   # (nll sum, tokens)
-    for b in range(rank, math.ceil(n / batch_size), world):
-        idx = torch.arange(b * batch_size, min((b + 1) * batch_size, n))
+    for b in range(rank, math.ceil(n / batch_size / world) * world, world):
+        idx = torch.arange(min(b * batch_size, n), min((b + 1) * batch_size, n))
         real = idx.numel()
-        idx = torch.cat([idx, idx[:1].expand(batch_size - real)])
+        idx = torch.cat([idx, idx.new_zeros(batch_size - real)])
         batch = data.batch(idx, device.torch_device)
         batch["labels"][real:] = IGNORE
         with device.autocast(dtype):

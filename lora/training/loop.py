@@ -6,6 +6,7 @@ One optimizer step:
     are split over micro-batches or processes; each rank backprops its share and the LoRA grads
     (nothing else has grads) are summed with one all-reduce (lora/training/distributed.py).
     clip to max_grad_norm, AdamW step, scheduler step.
+With --fsdp the frozen base is sharded over the processes (lora/training/fsdp.py); the step is the same.
 
 What a run writes under `out`, and how --resume reads it back, is lora/training/run_dir.py.
 """
@@ -34,7 +35,7 @@ from . import distributed
 from .config import TrainConfig
 from .data import IGNORE, TokenizedData, load_dataset, split_eval
 from .evaluate import evaluate, token_nll_sum
-from .fsdp import check_fsdp, load_sharded_base_with_lora
+from .fsdp import check_fsdp, load_sharded_base_with_lora, sharded
 from .run_dir import (MetricsLog, TrainState, check_checkpoint, check_out_dir, checkpoint_path, checkpoint_steps,
                       latest_checkpoint, load_checkpoint, run_record, save_checkpoint, start_run, truncate_metrics,
                       write_eval)
@@ -104,8 +105,7 @@ def run_checked(run: CheckedRun) -> TrainResult:
     out = Path(cfg.out)
     if rank == 0:
         start_run(out, run.mode, run.record)
-    sharded = cfg.fsdp and distributed.world()[1] > 1       # one process: its one shard is the whole base
-    model, params = (load_sharded_base_with_lora if sharded else load_base_with_lora)(cfg, device, dtype)
+    model, params = load_base_with_lora(cfg, device, dtype)
     optimizer = device.make_optimizer(params, cfg.lr, cfg.adam_betas, cfg.adam_eps, cfg.weight_decay)
     scheduler = make_scheduler(optimizer, plan.warmup, plan.total)
     device.manual_seed(cfg.seed + 1 + rank)      # dropout masks differ between ranks
@@ -120,7 +120,7 @@ def run_checked(run: CheckedRun) -> TrainResult:
         print(trainable_parameters(model), file=sys.stderr)
         print(f"{len(data)} training examples of {cfg.max_seq_len} tokens, {plan.global_batch} per step, "
               f"{plan.total} steps" + (f"; resuming from {resumed_from}" if resumed_from else ""), file=sys.stderr)
-    if device.name == "cpu" and cfg.keep_freed_memory:
+    if device.name == "cpu" and cfg.keep_freed_memory and not sharded(cfg):
         keep_freed_memory()      # from here on: each step reuses the last one's pages (lora/runtime/malloc.py)
 
     def checkpoint(state: TrainState) -> Path:
@@ -166,11 +166,15 @@ def run_checked(run: CheckedRun) -> TrainResult:
                 raise Interrupted(signum, f"checkpoint {kept} (step {step} of {plan.total}) kept; "
                                           "the same command with --resume continues from it")
 
-    eval_loss = evaluate(model, eval_data, cfg.batch_size, device, dtype) if eval_data is not None else None
-    if rank == 0:
-        save_adapter(model, out / "adapter", cfg.lora)
-        if eval_data is not None:
-            write_eval(out, {"step": state.step, "eval_loss": eval_loss, "train_loss": state.loss})
+    try:                                         # the last step's checkpoint is written: say so if stopped
+        eval_loss = evaluate(model, eval_data, cfg.batch_size, device, dtype) if eval_data is not None else None
+        if rank == 0:
+            save_adapter(model, out / "adapter", cfg.lora)
+            if eval_data is not None:
+                write_eval(out, {"step": state.step, "eval_loss": eval_loss, "train_loss": state.loss})
+    except Interrupted as e:
+        raise Interrupted(e.signum, f"checkpoint {checkpoint_path(out, state.step)} (the last step) kept; the "
+                                    "same command with --resume writes the adapter from it") from None
     distributed.barrier()
     return TrainResult(model, run.tokenizer, state.step, state.loss, eval_loss, out)
 
@@ -180,6 +184,10 @@ def check_inputs(cfg: TrainConfig) -> None:
     """One-line errors for input files that are not there and a model that cannot take the run (too
     short a context, targets that match nothing)."""
     for path in filter(None, (cfg.data, cfg.eval_data)):
+        if Path(path).is_dir():
+            raise LoRAError(f"{path}: is a directory (expected a data file)")
+        if Path(path).is_symlink() and not Path(path).exists():
+            raise LoRAError(f"{path}: a symbolic link to nothing (a loop, or its target is gone)")
         if not Path(path).is_file():
             raise LoRAError(f"{path}: no such file")
     limit = check_model_dir(cfg.model).get("max_position_embeddings")
@@ -202,10 +210,13 @@ def prepare_data(cfg: TrainConfig, tokenizer) -> tuple[TokenizedData, TokenizedD
 
 def load_base_with_lora(cfg: TrainConfig, device: Device, dtype: torch.dtype):
     """(model, LoRA parameters): the frozen base in `dtype` on the device, the adapter on it, the same
-    initial adapter on every rank."""
-    model = load_model(cfg.model, dtype).to(device.torch_device)
-    device.manual_seed(cfg.seed)
-    apply_lora(model, cfg.lora)
+    initial adapter on every rank. With --fsdp under torchrun, the base sharded over the ranks."""
+    if sharded(cfg):
+        model = load_sharded_base_with_lora(cfg, device, dtype)
+    else:
+        model = load_model(cfg.model, dtype, quantize=cfg.quantize).to(device.torch_device)
+        device.manual_seed(cfg.seed)
+        apply_lora(model, cfg.lora)
     params = [p for layer in lora_layers(model).values() for p in (layer.lora_A, layer.lora_B)]
     distributed.broadcast(params)
     if cfg.grad_checkpointing:

@@ -1,0 +1,160 @@
+"""--fsdp: the base sharded with FSDP2 over 2 gloo processes; against one process, against data parallel,
+resume after SIGKILL and SIGTERM, each rank's share of the base and of the bytes read, what it refuses."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lora import LoRAConfig, LoRAError
+from lora.storage.safetensors_stream import read_checkpoint
+from lora.storage.sharded_load import read_rows
+from lora.training import train
+from lora.training.fsdp import check_fsdp
+from test_train import (ROOT, adapter, close, metrics, one_thread, tiny, tiny_args,  # noqa: F401  (fixtures)
+                        tiny_config)
+import train as train_cli
+
+SHARE = re.compile(r"fsdp: rank (\d) of 2 holds ([\d,]+) of the base's ([\d,]+) bytes \(read ([\d,]+) bytes")
+
+
+def torchrun(args, *, fsdp=True):
+    """train.py under torchrun, 2 gloo processes."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(ROOT / "train.py"), *map(str, args), "--device", "cpu", *(["--fsdp"] if fsdp else [])],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def kill_with_workers(proc) -> None:
+    """SIGKILL to torchrun's workers (they run in sessions of their own) and to torchrun."""
+    for task in Path(f"/proc/{proc.pid}/task").iterdir():
+        for pid in (task / "children").read_text().split():
+            os.kill(int(pid), signal.SIGKILL)
+    proc.kill()
+
+
+def finished(proc) -> str:
+    """The process's stderr, once it has exited 0."""
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    return err
+
+
+def base_bytes(model_dir: Path) -> int:
+    return sum(e.nbytes for s in read_checkpoint(model_dir)[0] for e in s.entries)
+
+
+def test_two_fsdp_processes_match_one_process(tiny, tmp_path):
+    """2 processes × batch 4 with the base sharded = one process × batch 8: losses, eval loss and adapter
+    (fp32 tolerance). Each rank holds and reads about half of the base, and the checkpoints hold the
+    adapter only. The one-process run has --fsdp too: with one process its shard is the whole base."""
+    out2 = tmp_path / "fsdp"
+    err = finished(torchrun(tiny_args(tiny, out2, "--max-steps", 4, "--batch-size", 4, "--log-every", 1,
+                                      "--eval-data", tiny / "eval.jsonl", "--lora-r", 4, "--lora-alpha", 8,
+                                      "--lora-dropout", 0, "--grad-checkpointing")))
+    one = train(tiny_config(tiny, tmp_path / "one", max_steps=4, batch_size=8, eval_data=str(tiny / "eval.jsonl"),
+                            fsdp=True, lora=LoRAConfig(r=4, lora_alpha=8)))
+    assert json.loads((out2 / "eval.json").read_text())["eval_loss"] == pytest.approx(one.eval_loss, rel=1e-5)
+    assert [r["loss"] for r in metrics(out2)] == pytest.approx([r["loss"] for r in metrics(one.out)], rel=1e-5)
+    ta, tb = adapter(out2 / "adapter"), adapter(one.out / "adapter")
+    assert close(ta, tb, 1e-4) and any(tb[k].abs().sum() > 0 for k in tb if "lora_B" in k)
+
+    shares = {int(m[1]): [int(g.replace(",", "")) for g in m.groups()[1:]] for m in SHARE.finditer(err)}
+    total = base_bytes(tiny / "base")                 # the file is fp32, as the run: bytes read = bytes held
+    assert sorted(shares) == [0, 1]
+    assert all(whole == total and 0.45 * total <= held <= 0.55 * total and read == held
+               for held, whole, read in shares.values())
+    assert sum(held for held, _, _ in shares.values()) == total
+    ckpt = out2 / "checkpoints" / "step-4"
+    assert {p.name for p in ckpt.iterdir()} == {"adapter", "trainer_state.pt", "state.json"}
+    adapter_bytes = (ckpt / "adapter" / "adapter_model.safetensors").stat().st_size
+    assert (ckpt / "trainer_state.pt").stat().st_size < 3 * adapter_bytes + 8192   # Adam's m, v: 2 × adapter
+
+
+def test_fsdp_bf16_grad_checkpointing_is_data_parallel_bit_for_bit(tiny, tmp_path):
+    """The all-gathered weights are the checkpoint's and the adapter is all-reduced as without --fsdp:
+    the same adapter and losses, bit for bit, with bf16, activation checkpointing and dropout on."""
+    args = lambda out: tiny_args(tiny, out, "--max-steps", 3, "--batch-size", 4, "--log-every", 1, "--dtype", "bf16",
+                                 "--grad-checkpointing", "--lora-dropout", 0.1)
+    finished(torchrun(args(tmp_path / "fsdp")))                 # one torchrun at a time (see below)
+    finished(torchrun(args(tmp_path / "ddp"), fsdp=False))
+    want, got = adapter(tmp_path / "ddp" / "adapter"), adapter(tmp_path / "fsdp" / "adapter")
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert [r["loss"] for r in metrics(tmp_path / "fsdp")] == [r["loss"] for r in metrics(tmp_path / "ddp")]
+
+
+def test_fsdp_resume_after_sigkill_or_sigterm_is_bit_identical(tiny, tmp_path, capsys):
+    """SIGKILL to torchrun and both workers, or SIGTERM to torchrun (the ranks agree on a step, write its
+    checkpoint and stop), then --resume: the adapter and every step's loss of an uninterrupted run."""
+    args = lambda out: tiny_args(tiny, out, "--max-steps", 60, "--batch-size", 4, "--save-every", 4,
+                                 "--log-every", 1, "--lora-dropout", 0.1)
+    finished(torchrun(args(tmp_path / "ref")))
+    # One torchrun at a time: agents started together may pick the same free port for their workers.
+    for name, how in (("killed", kill_with_workers),
+                      ("stopped", lambda p: p.send_signal(signal.SIGTERM))):
+        proc = torchrun(args(tmp_path / name))
+        first = tmp_path / name / "checkpoints" / "step-4" / "state.json"
+        deadline = time.time() + 120
+        while not first.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        how(proc)
+        _, err = proc.communicate(timeout=120)
+        assert first.exists() and proc.returncode != 0, err[-3000:]
+        assert not (tmp_path / name / "adapter").exists(), "the run finished before the signal; raise --max-steps"
+    kept = [line for line in err.splitlines() if line.startswith("interrupted: checkpoint ")]
+    assert len(kept) == 2 and kept[0] == kept[1], err[-3000:]        # both ranks stopped at one step
+    losses = lambda out: [(r["step"], r["loss"]) for r in metrics(out)]
+    for name in ("killed", "stopped"):
+        assert "resuming from" in finished(torchrun(args(tmp_path / name) + ["--resume"]))
+        want, got = adapter(tmp_path / "ref" / "adapter"), adapter(tmp_path / name / "adapter")
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+        assert losses(tmp_path / name) == losses(tmp_path / "ref")
+
+    # The same run resumed by one process: one line, naming the process counts.
+    assert train_cli.main(args(tmp_path / "killed") + ["--device", "cpu", "--resume", "--fsdp"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --resume:") and "(world_size: 2 there, 1 now)" in err[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_read_rows_reads_only_each_ranks_rows(tiny, dtype):
+    """Three ranks' row ranges (torch.chunk's split, as FSDP2's) put back together are the checkpoint's
+    tensors, and each rank reads only its rows' bytes: the three reads add up to the file's data once."""
+    full = load_file(str(tiny / "base" / "model.safetensors"))
+    world, parts, read = 3, {name: [] for name in full}, []
+    for rank in range(world):
+        wanted = {}
+        for name, t in full.items():
+            chunk = -(-t.shape[0] // world)
+            first = min(rank * chunk, t.shape[0])
+            rows = max(0, min(chunk, t.shape[0] - first))
+            dest = torch.full((rows, *t.shape[1:]), float("nan"), dtype=dtype)       # poisoned
+            wanted[name] = (first, dest)
+            parts[name].append(dest)
+        read.append(read_rows(tiny / "base", wanted))
+    assert all(torch.equal(torch.cat(parts[name]), t.to(dtype)) for name, t in full.items())
+    assert sum(read) == base_bytes(tiny / "base")
+    assert max(read) <= 0.4 * sum(read)
+    with pytest.raises(LoRAError, match="not in its safetensors files, e.g. nope"):
+        read_rows(tiny / "base", {"nope": (0, torch.empty(1))})
+    name = next(iter(full))
+    with pytest.raises(LoRAError, match="do not fit"):
+        read_rows(tiny / "base", {name: (full[name].shape[0], torch.empty(1, *full[name].shape[1:]))})
+
+
+def test_what_fsdp_refuses(tiny, tmp_path):
+    cfg = tiny_config(tiny, tmp_path / "run", fsdp=True)
+    with pytest.raises(LoRAError, match="--fsdp is not supported on HPU"):
+        check_fsdp(cfg, SimpleNamespace(name="hpu"))
+    check_fsdp(cfg, SimpleNamespace(name="cpu"))
+    with pytest.raises(LoRAError, match="--quantize nf4 with --fsdp is not supported"):
+        tiny_config(tiny, tmp_path / "run", fsdp=True, quantize="nf4")
