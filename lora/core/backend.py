@@ -95,12 +95,11 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: floa
     dtype = _compute_dtype(x, weight)
     args = _cast(x, weight, bias, lora_A, lora_B, dtype)
     with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
-        if uses_triton(x) and isinstance(weight, NF4Weight):
-            if not (torch.is_grad_enabled() and any(t.requires_grad for t in args)):
-                return _nf4_lora_linear_triton(*args, scaling, dropout_p)
-        elif uses_triton(x):
+        if uses_triton(x) and not isinstance(weight, NF4Weight):
             from ..kernels import lora_linear as lora_linear_triton
             return lora_linear_triton(*args, scaling, dropout_p, recompute_input=_RECOMPUTE and not _GRAPH_SAFE)
+        if uses_triton(x) and not (torch.is_grad_enabled() and any(t.requires_grad for t in args)):
+            return _nf4_lora_linear_triton(*args, scaling, dropout_p)       # a 4-bit base, no gradients
         if _GRAPH_SAFE and dropout_p > 0:
             return _lora_linear_graph_safe(*args, scaling, dropout_p)
         return lora_linear_torch(*args, scaling, dropout_p, recompute_input=_RECOMPUTE and not _GRAPH_SAFE)

@@ -82,6 +82,7 @@ class CheckedRun:
     data: TokenizedData
     eval_data: TokenizedData | None
     plan: Plan
+    resume_from: Path | None        # the checkpoint --resume continues from (checked already)
 
 
 def check_run(cfg: TrainConfig, out_mode: str | None = None) -> CheckedRun:
@@ -90,12 +91,13 @@ def check_run(cfg: TrainConfig, out_mode: str | None = None) -> CheckedRun:
     check_fsdp(cfg, device)
     record = run_record(cfg)
     mode = out_mode or check_out_dir(cfg, record)
-    if mode == "resume" and latest_checkpoint(Path(cfg.out)) is not None:
-        check_checkpoint(latest_checkpoint(Path(cfg.out)))
+    resume_from = latest_checkpoint(Path(cfg.out)) if mode == "resume" else None
+    if resume_from is not None:
+        check_checkpoint(resume_from)
     tokenizer = load_tokenizer(cfg.model)
     data, eval_data = prepare_data(cfg, tokenizer)
     return CheckedRun(cfg, mode, record, device, device.resolve_dtype(cfg.dtype), tokenizer, data, eval_data,
-                      Plan.of(cfg, len(data), distributed.world()[1]))
+                      Plan.of(cfg, len(data), distributed.world()[1]), resume_from)
 
 
 def run_checked(run: CheckedRun) -> TrainResult:
@@ -110,16 +112,15 @@ def run_checked(run: CheckedRun) -> TrainResult:
     scheduler = make_scheduler(optimizer, plan.warmup, plan.total)
     device.manual_seed(cfg.seed + 1 + rank)      # dropout masks differ between ranks
     state = TrainState()
-    resumed_from = latest_checkpoint(out) if run.mode == "resume" else None
-    if resumed_from is not None:
-        state, rng_states = load_checkpoint(resumed_from, model, optimizer, scheduler)
+    if run.resume_from is not None:
+        state, rng_states = load_checkpoint(run.resume_from, model, optimizer, scheduler)
         device.set_rng_state(rng_states[rank])
     if run.mode == "resume" and rank == 0:
         truncate_metrics(out, state.step)
     if rank == 0:
         print(trainable_parameters(model), file=sys.stderr)
         print(f"{len(data)} training examples of {cfg.max_seq_len} tokens, {plan.global_batch} per step, "
-              f"{plan.total} steps" + (f"; resuming from {resumed_from}" if resumed_from else ""), file=sys.stderr)
+              f"{plan.total} steps" + (f"; resuming from {run.resume_from}" if run.resume_from else ""), file=sys.stderr)
     if device.name == "cpu" and cfg.keep_freed_memory and not sharded(cfg):
         keep_freed_memory()      # from here on: each step reuses the last one's pages (lora/runtime/malloc.py)
 
@@ -151,7 +152,8 @@ def run_checked(run: CheckedRun) -> TrainResult:
                 tokens_per_s = window.tokens_per_s()
                 metrics.write(step=step, epoch=state.epoch, loss=window.loss, lr=lr, grad_norm=grad_norm,
                               tokens_per_s=tokens_per_s)
-                progress.set(step, force=True, loss=f"{window.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+                progress.set(step, force=True, loss=f"{window.loss:.4f}", lr=f"{lr:.2e}",
+                             tok_s=f"{tokens_per_s:,.0f}")
                 window.restart()
             else:
                 progress.set(step)
