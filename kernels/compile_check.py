@@ -3,7 +3,8 @@
 The interpreter (how CI runs the kernels) executes them as numpy and skips the compiler entirely, so
 type or layout errors that only the compiler rejects would first show on a GPU. This lowers each
 kernel, with dropout on, through Triton's full pipeline (TTIR, TTGIR, LLVM, PTX, cubin via the ptxas
-bundled with triton) for the given compute capability.
+bundled with triton) for the given compute capability; the GEMM and the dY pass also in their DoRA
+forms (kernels/dora.py).
 
     python -m lora.kernels.compile_check            # sm_90 (H100), bf16
     python -m lora.kernels.compile_check 80 fp32    # sm_80 (A100), fp32 inputs (IEEE dots)
@@ -47,15 +48,24 @@ def compile_all(capability: int = 90, dtype: str = "bf16") -> dict[str, object]:
         raise RuntimeError("compile_check needs TRITON_INTERPRET unset (the kernels were imported interpreted)")
     target = GPUTarget("cuda", capability, 32)
     dot = dict(DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST=False)
+    lora = dict(COL_SCALE=False, STORE_U=False, DROP_X=False, K_SCALE=False, DROP_C=False)
+    gemm_fp32 = ("col_ptr", "kscale_ptr")
+    gemm_meta = dict(HAS_BIAS=True, EVEN_K=False, BLOCK_R=16, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, **dot)
+    dy_meta = dict(EVEN_N=False, BLOCK_R=64, BLOCK_M=64, BLOCK_N=64, **dot)
     return {
         "shrink": _compile(shrink._shrink_kernel, dtype, ("out_ptr",), dict(
             HAS_DROPOUT=True, EVEN_K=False, SPLIT_K=4, BLOCK_R=16, BLOCK_M=16, BLOCK_K=128, **dot),
             target, 4, 3),
-        "gemm": _compile(gemm._gemm_kernel, dtype, (), dict(
-            HAS_BIAS=True, HAS_DROPOUT=True, EVEN_K=False, BLOCK_R=16, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64,
-            GROUP_M=8, **dot), target, 4, 3),
-        "dy_pass": _compile(dy_pass._dy_pass_kernel, dtype, ("db_ptr",), dict(
-            EVEN_N=False, BLOCK_R=64, BLOCK_M=64, BLOCK_N=64, **dot), target, 4, 3),
+        "gemm": _compile(gemm._gemm_kernel, dtype, gemm_fp32, dict(HAS_DROPOUT=True, **lora, **gemm_meta),
+                         target, 4, 3),
+        "gemm_dora_fwd": _compile(gemm._gemm_kernel, dtype, gemm_fp32, dict(
+            HAS_DROPOUT=False, **dict(lora, COL_SCALE=True, STORE_U=True, DROP_X=True), **gemm_meta), target, 4, 3),
+        "gemm_dora_dx": _compile(gemm._gemm_kernel, dtype, gemm_fp32, dict(
+            HAS_DROPOUT=False, **dict(lora, K_SCALE=True, DROP_C=True), **gemm_meta), target, 4, 3),
+        "dy_pass": _compile(dy_pass._dy_pass_kernel, dtype, ("db_ptr", "g_ptr", "dyu_ptr"), dict(
+            COL_SCALE=False, GRAD_M=False, **dy_meta), target, 4, 3),
+        "dy_pass_dora": _compile(dy_pass._dy_pass_kernel, dtype, ("db_ptr", "g_ptr", "dyu_ptr"), dict(
+            COL_SCALE=True, GRAD_M=True, **dy_meta), target, 4, 3),
         "grad_a": _compile(grad_a._grad_a_kernel, dtype, ("out_ptr",), dict(
             HAS_DROPOUT=True, SPLIT_M=2, BLOCK_R=16, BLOCK_M=64, BLOCK_K=64, **dot), target, 4, 3),
         "dropout_mask": _compile(dropout._mask_kernel, dtype, ("out_ptr",), dict(BLOCK_M=32, BLOCK_K=32),
