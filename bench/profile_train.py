@@ -34,6 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--providers", default="floor,ours", help="two of bench_train.py's providers (default floor,ours)")
     p.add_argument("--rounds", type=int, default=4, help="profiled steps per provider, alternating (default 4)")
     p.add_argument("--top", type=int, default=25, help="ops listed (default 25)")
+    p.add_argument("--preset", default="cpu-llama-6x1024", help="bench_train.py's model preset (default cpu-llama-6x1024)")
     p.add_argument("--layers", type=int, default=None, help="override the preset's number of layers")
     p.add_argument("--batch", type=int, default=4, help="sequences per step (default 4)")
     p.add_argument("--seq", type=int, default=256, help="tokens per sequence (default 256)")
@@ -56,7 +57,7 @@ def main(argv=None) -> int:
     args, names = parse_args(argv)
     if not args.no_keep_freed_memory:
         keep_freed_memory()
-    bargv = ["--dropout", str(args.dropout), "--batch", str(args.batch), "--seq", str(args.seq)]
+    bargv = ["--preset", args.preset, "--dropout", str(args.dropout), "--batch", str(args.batch), "--seq", str(args.seq)]
     bargv += ["--layers", str(args.layers)] if args.layers else []
     bargs = bench_train.parse_args(bargv)
     base = bench_train.build_base(bargs)

@@ -8,10 +8,11 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import lora
+import lora.core.dropout
 import lora.core.op
 from lora import LoRAConfig
 from lora.core.op import lora_linear_torch
-from lora.core.recompute import product_recipe, recompute
+from lora.core.recompute import product_recipe, recompute, split_product
 from test_inject import randomize_B
 
 
@@ -57,6 +58,46 @@ def test_no_recipe_where_the_pattern_does_not_hold():
         recompute(product_recipe(x), torch.Size([4, 7]), x.dtype)
 
 
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_norm_input_never_built_and_dA_matches_float64(p):
+    """RMSNorm's output x = rsqrt ⊙ h ⊙ w: dA comes from ((dS ⊙ rsqrt)ᵀ h) ⊙ w, and backward multiplies
+    nothing of x's size."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    torch.manual_seed(7)
+    h = torch.randn(3, 11, 37, requires_grad=True)
+    w = torch.randn(37)
+    W, b = torch.randn(23, 37), torch.randn(23)
+    A, B = (torch.randn(5, 37) * 0.3).requires_grad_(), (torch.randn(23, 5) * 0.3).requires_grad_()
+    x = rms_norm(h, w)
+    recipe = product_recipe(x)
+    row, full, col = split_product(recipe, x.shape, x.dtype)
+    assert row.shape == (33, 1) and full.shape == (33, 37) and col.shape == (37,)
+    assert split_product(product_recipe(F.silu(h) * h), h.shape, h.dtype) is None     # two full factors
+    y = lora_linear_torch(x, W, b, A, B, 0.6, p, seed=11)
+    dy = torch.randn_like(y)
+
+    class Muls(TorchDispatchMode):
+        sizes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket in (torch.ops.aten.mul, torch.ops.aten.mul_) and isinstance(out, torch.Tensor):
+                self.sizes.append(out.numel())
+            return out
+    with Muls():
+        dA, dB, dh = torch.autograd.grad(y, (A, B, h), dy)
+    assert x.numel() not in Muls.sizes[:3]              # ours runs first: scales on (M, 5) and (5, 37) only
+    # float64 reference with the same dropout mask
+    mask = lora.core.dropout.dropout_scale(x, p, 11) if p else torch.ones_like(x)
+    h64, w64 = h.detach().double().requires_grad_(), w.double()
+    A64, B64 = A.detach().double().requires_grad_(), B.detach().double().requires_grad_()
+    x64 = rms_norm(h64, w64)
+    y64 = x64 @ W.double().t() + b.double() + 0.6 * ((x64 * mask.double()) @ A64.t()) @ B64.t()
+    rA, rB, rh = torch.autograd.grad(y64, (A64, B64, h64), dy.double())
+    for got, ref in ((dA, rA), (dB, rB), (dh, rh)):
+        torch.testing.assert_close(got.double(), ref, rtol=0, atol=2e-6 * ref.abs().max().item())
+
+
 def _saved(y):
     """What the op saved in place of x: the first saved tensor of y's node."""
     return y.grad_fn.saved_tensors[0]
@@ -85,7 +126,7 @@ def test_op_saves_no_input_and_matches_the_saving_op_bit_for_bit(p):
 
 @pytest.mark.parametrize("p", [0.0, 0.1])
 @pytest.mark.parametrize("grouped", [True, False])
-def test_llama_grads_bit_identical_with_and_without_rebuilding(tiny_llama, token_ids, monkeypatch, p, grouped):
+def test_llama_grads_equal_with_and_without_rebuilding(tiny_llama, token_ids, monkeypatch, p, grouped):
     cfg = LoRAConfig(r=4, lora_dropout=p)
     saving = lora.apply_lora(copy.deepcopy(tiny_llama), cfg, group_shared_inputs=grouped)
     rebuilding = lora.apply_lora(tiny_llama, cfg, group_shared_inputs=grouped)
@@ -107,7 +148,11 @@ def test_llama_grads_bit_identical_with_and_without_rebuilding(tiny_llama, token
     per_layer = 3 if grouped else 6
     assert sum(r is not None for r in found) == 3 * per_layer and len(found) == 3 * (per_layer + 1)
     for n, t in grads["saving"].items():
-        assert torch.equal(grads["rebuilding"][n], t), n
+        if n.endswith("lora_A") and "o_proj" not in n and "down_proj" not in n:
+            # RMSNorm's output is never built (split_product): the same sum in another order
+            torch.testing.assert_close(grads["rebuilding"][n], t, rtol=0, atol=1e-6 * t.abs().max().item())
+        else:
+            assert torch.equal(grads["rebuilding"][n], t), n
 
 
 @pytest.mark.parametrize("reentrant", [False, True])

@@ -11,7 +11,7 @@ GEMM accumulates x W_iᵀ onto it with `addmm_` (BLAS's beta=1 epilogue). y_i is
 and read once by the base GEMM: no extra pass, no temporary of y_i's size.
 Backward with W_i frozen (no dW, no db), in the same order (small term first, base GEMM accumulates):
 
-    dS_i = s_i · dY_i B_i          (M, r_i)       dB_i = s_i · dY_iᵀ S_i       (out_i, r_i)
+    dS_i = s_i · dY_i B_i          (M, r_i)       dB_i = s_i · (S_iᵀ dY_i)ᵀ    (out_i, r_i)
     dA   = dSᵀ dropout(x)          (Σr, in), split into the A_i's rows
     dX   = (dS [A_1; …; A_n]) ⊙ mask + Σ_i dY_i W_i      one buffer, every base GEMM accumulated in place
 
@@ -26,7 +26,8 @@ not concatenated, S and dS are neither sliced nor concatenated.
 Saved for backward: dA needs x, and a frozen base alone would keep none. When x is a product whose
 factors the base's backward keeps anyway (RMSNorm's output, the gated MLP's act(g) ⊙ u: a `recipe`,
 lora/core/recompute.py), nothing of x's size is saved: backward multiplies x again and drops the same
-elements. Otherwise the one activation-sized tensor: x itself at p = 0; with dropout, the forward's
+elements, or, for RMSNorm's output (rsqrt_m · h[m, k] · w_k), never builds x: dA = ((dS ⊙ rsqrt)ᵀ h) ⊙ w,
+the scales on the small sides (`factored_grad_A`). Otherwise the one activation-sized tensor: x itself at p = 0; with dropout, the forward's
 copy of x with the dropped elements zeroed, which the shrink made anyway, so x can be freed and
 backward drops nothing again. Besides: s_i · S_i (M × Σr, tiny), [A_1; …; A_n] (A itself for one
 member) and the flat indices of the dropped elements (≈ p · M · in int32s: a twentieth of x's size at
@@ -45,7 +46,7 @@ import torch
 from ..quant.linear import dense
 from ..runtime.seed import new_seed
 from .dropout import compact, drop, drop_, dropped_positions
-from .recompute import product_recipe, recompute
+from .recompute import product_recipe, recompute, split_product
 
 
 def shrink(x2: torch.Tensor, lora_A: torch.Tensor, p: float, seed: int):
@@ -111,16 +112,20 @@ class LoRAFunction(torch.autograd.Function):
         need_x = needs[0]
         need_A = any(needs[5 + 2 * n: 5 + 3 * n])
         need_B = needs[5 + 3 * n: 5 + 4 * n]
-        dBs = [torch.mm(d.t(), S_i) if need else None                    # (out_i, r_i): S_i saved as s_i · S_i
-               for d, S_i, need in zip(dY2, member_columns(S, ranks), need_B)]
+        dBs = [torch.mm(S_i.t(), d).t() if need else None                # (S_iᵀ dY_i)ᵀ (out_i, r_i): S_i saved as
+               for d, S_i, need in zip(dY2, member_columns(S, ranks), need_B)]   # s_i · S_i; BLAS runs dY_iᵀ S_i slower
         if dropped is not None:
             dropped = dropped.long()
             dS.mul_(1 / (1 - p))                                         # the kept elements' scale, on the small side
         dAs = [None] * n
         if need_A:
-            if ctx.recipe:                                               # x multiplied again, dropped again
-                xd = recomputed_input(ctx.recipe, ctx.x_shape, ctx.x_dtype, dropped)
-            dA = torch.mm(dS.t(), xd)                                    # (Σr, in)
+            split = ctx.recipe and split_product(ctx.recipe, ctx.x_shape, ctx.x_dtype)
+            if split:                                                    # x = row ⊙ full ⊙ col, never built
+                dA = factored_grad_A(dS, *split, dropped)
+            else:
+                if ctx.recipe:                                           # x multiplied again, dropped again
+                    xd = recomputed_input(ctx.recipe, ctx.x_shape, ctx.x_dtype, dropped)
+                dA = torch.mm(dS.t(), xd)                                # (Σr, in)
             dAs = [dA] if n == 1 else list(dA.split(ranks))              # (r_i, in)
         dX = None
         if need_x:
@@ -139,6 +144,17 @@ def input_recipe(x: torch.Tensor, need_A: bool, allowed: bool = True):
     if not (allowed and need_A and torch.is_grad_enabled()):
         return None
     return product_recipe(x)
+
+
+def factored_grad_A(dS, row, full, col, dropped) -> torch.Tensor:
+    """dA = dSᵀ dropout(x) (Σr, in) for x = row ⊙ full ⊙ col (lora/core/recompute.py's split_product):
+    ((dS ⊙ row)ᵀ full') ⊙ col, full' = full with the dropped elements zeroed; row (M, 1), col (in,)."""
+    if row is not None:
+        dS = dS * row                                                    # (M, Σr)
+    if dropped is not None:
+        full = drop(full, dropped)                                       # a copy: full is autograd's
+    dA = torch.mm(dS.t(), full)                                          # (Σr, in)
+    return dA if col is None else dA.mul_(col)
 
 
 def recomputed_input(recipe, x_shape, x_dtype, dropped) -> torch.Tensor:

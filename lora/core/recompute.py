@@ -15,6 +15,14 @@ multiplied again in the same order: the same ops on the same values, so x comes 
 No other pattern qualifies (o_proj's input, a cast, a view, a fused norm kernel, an x with no
 autograd history such as layer 0's norm of frozen embeddings), nor a factor saved through
 saved-tensor hooks (non-reentrant checkpointing, CPU offload): then x is saved.
+
+Most of the time x need not be built at all. RMSNorm's output is one activation-sized factor times
+broadcast ones: x[m, k] = rsqrt_m · h[m, k] · w_k, a row scale (M, 1) and a column scale (in,). Then
+
+    dA = dSᵀ x = ((dS ⊙ rsqrt)ᵀ h) ⊙ w          (Σr, M)·(M, in), the scales applied on the small sides
+
+which is the same sum in another order (equal up to fp rounding, not bit for bit) and costs no pass
+over an activation: `split_product` finds that form, `rebuild` falls back to the product.
 """
 from __future__ import annotations
 
@@ -53,6 +61,36 @@ def recompute(recipe, like_shape: torch.Size, like_dtype: torch.dtype) -> torch.
         raise RuntimeError(f"recomputed LoRA input is {tuple(x.shape)} {x.dtype}, "
                            f"forward saw {tuple(like_shape)} {like_dtype}")
     return x
+
+
+def split_product(recipe, x_shape: torch.Size, x_dtype: torch.dtype):
+    """(row, full, col) when the product is row ⊙ full ⊙ col: exactly one factor of x's shape (full),
+    the others broadcast along x's rows (shape (..., 1): row, as (M, 1)) or its columns (every dim 1
+    but the last: col, as (in,)), all of x's dtype; None otherwise. row/col are None when absent."""
+    full, rows, cols = [], [], []
+    for f in _factors(recipe):
+        if f.dtype != x_dtype:
+            return None
+        if f.shape == x_shape:
+            full.append(f)
+        elif f.dim() == len(x_shape) and f.shape[:-1] == x_shape[:-1] and f.shape[-1] == 1:
+            rows.append(f.reshape(-1, 1))
+        elif f.numel() == x_shape[-1] and f.dim() <= len(x_shape) and f.shape[-1] == x_shape[-1]:
+            cols.append(f.reshape(-1))
+        else:
+            return None
+    if len(full) != 1:
+        return None
+    prod = lambda fs: None if not fs else fs[0] if len(fs) == 1 else torch.stack(fs).prod(0)
+    return prod(rows), full[0].reshape(-1, x_shape[-1]), prod(cols)
+
+
+def _factors(recipe) -> list[torch.Tensor]:
+    """The saved tensors the product multiplies, left to right."""
+    node, left, right = recipe
+    a = [node._saved_self] if left is None else _factors(left)
+    b = [node._saved_other] if right is None else _factors(right)
+    return a + b
 
 
 def _product(recipe) -> torch.Tensor:
