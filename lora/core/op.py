@@ -26,12 +26,13 @@ not concatenated, S and dS are neither sliced nor concatenated.
 Saved for backward: dA needs x, and a frozen base alone would keep none. When x is a product whose
 factors the base's backward keeps anyway (RMSNorm's output, the gated MLP's act(g) ⊙ u: a `recipe`,
 lora/core/recompute.py), nothing of x's size is saved: backward multiplies x again and drops the same
-elements, or, for RMSNorm's output (rsqrt_m · h[m, k] · w_k), never builds x: dA = ((dS ⊙ rsqrt)ᵀ h) ⊙ w,
-the scales on the small sides (`factored_grad_A`). Otherwise the one activation-sized tensor: x itself at p = 0; with dropout, the forward's
-copy of x with the dropped elements zeroed, which the shrink made anyway, so x can be freed and
-backward drops nothing again. Besides: s_i · S_i (M × Σr, tiny), [A_1; …; A_n] (A itself for one
-member) and the flat indices of the dropped elements (≈ p · M · in int32s: a twentieth of x's size at
-p = 0.05), for the mask on dX and the recomputed x.
+elements, or, for RMSNorm's output (rsqrt_m · h[m, k] · w_k), never builds x:
+dA = ((dS ⊙ rsqrt)ᵀ h) ⊙ w, the scales on the small sides (`factored_grad_A`). Otherwise the one
+activation-sized tensor: x itself at p = 0; with dropout, the forward's copy of x with the dropped
+elements zeroed, which the shrink made anyway, so x can be freed and backward drops nothing again.
+Besides: s_i · S_i (M × Σr, tiny), [A_1; …; A_n] (A itself for one member) and the flat indices of the
+dropped elements (≈ p · M · in int32s: a twentieth of x's size at p = 0.05), for the mask on dX and
+the recomputed x.
 
 A 4-bit base (W_i an NF4Weight, lora/quant/): each W_i is dequantized for its base GEMM and dropped
 after it; backward keeps the packed weight and dequantizes it again for dY_i W_i. A dense W_i takes
