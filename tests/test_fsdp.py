@@ -16,9 +16,14 @@ from safetensors.torch import load_file
 
 from lora import LoRAConfig, LoRAError
 from lora.storage.safetensors_stream import read_checkpoint
-from lora.storage.sharded_load import read_rows
+from lora.quant.linear import NF4Linear
+from lora.quant.nf4 import quantize_nf4
+from lora.quant.sharded import ShardedNF4Weight, double_quantized_scales
+from lora.storage.model_dir import load_model
+from lora.storage.sharded_load import read_nf4_blocks, read_rows
 from lora.training import train
 from lora.training.fsdp import check_fsdp
+from test_qlora_load import base, bnb_dir  # noqa: F401  (fixtures: a bf16 base, bitsandbytes' 4-bit save of it)
 from test_train import (ROOT, adapter, close, metrics, one_thread, tiny, tiny_args,  # noqa: F401  (fixtures)
                         tiny_config)
 import train as train_cli
@@ -156,5 +161,112 @@ def test_what_fsdp_refuses(tiny, tmp_path):
     with pytest.raises(LoRAError, match="--fsdp is not supported on HPU"):
         check_fsdp(cfg, SimpleNamespace(name="hpu"))
     check_fsdp(cfg, SimpleNamespace(name="cpu"))
-    with pytest.raises(LoRAError, match="--quantize nf4 with --fsdp is not supported"):
-        tiny_config(tiny, tmp_path / "run", fsdp=True, quantize="nf4")
+    tiny_config(tiny, tmp_path / "run", fsdp=True, quantize="nf4")           # a 4-bit base is sharded too
+    with pytest.raises(LoRAError, match="needs every quantized weight to be whole blocks of 64 values"):
+        ShardedNF4Weight((3, 40), torch.bfloat16, device="meta")
+
+
+# -- 4-bit bases ------------------------------------------------------------------------------------
+NF4_SHARE = re.compile(r"fsdp: rank (\d) of 2 holds ([\d,]+) of the base's ([\d,]+) bytes \(read ([\d,]+) bytes "
+                       r"of its safetensors files, NF4 packed ([\d,]+) of ([\d,]+) bytes\)")
+
+
+def chunks(n: int, world: int) -> list[tuple[int, int]]:
+    """Each rank's [first, last) of n, torch.chunk's split (FSDP2's)."""
+    c = -(-n // world)
+    return [(min(r * c, n), min((r + 1) * c, n)) for r in range(world)]
+
+
+@pytest.mark.parametrize("shape", [(67, 192), (48, 32), (5, 64)])
+def test_a_ranks_blocks_quantized_alone_are_the_whole_tensors(shape):
+    """Blockwise NF4 on whole blocks: each rank's run of blocks quantized alone gives the whole tensor's
+    packed bytes and absmax for them, and the scales computed from every rank's absmax are the double
+    quantization's (NF4Weight.scales()), so the ShardedNF4Weight they fill dequantizes bit for bit as
+    the unsharded NF4Weight. in_features 32: a block spans two rows; 5 rows: a rank has none."""
+    torch.manual_seed(1)
+    W = torch.randn(shape, dtype=torch.float64).mul_(torch.rand(shape[0], 1, dtype=torch.float64) * 3).bfloat16()
+    whole = quantize_nf4(W)
+    flat, n_blocks = W.reshape(-1), W.numel() // 64
+    parts = [quantize_nf4(flat[a * 64:b * 64], double_quant=False) for a, b in chunks(n_blocks, 3)]
+    packed = torch.cat([p.packed.view(-1) for p in parts])
+    absmax = torch.cat([p.absmax for p in parts])
+    assert torch.equal(packed, whole.packed.view(-1))
+    sharded = ShardedNF4Weight(W.shape, W.dtype, device="meta").to_empty(device="cpu")
+    sharded.reset_quant_map()
+    sharded.packed.copy_(packed.view(n_blocks, 32))
+    sharded.absmax.copy_(double_quantized_scales(absmax))
+    assert torch.equal(sharded.absmax, whole.scales())
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(sharded.dequantize(dtype), whole.dequantize(dtype))
+    assert sharded.to(torch.bfloat16).absmax.dtype == torch.float32             # a cast moves, never converts
+    assert {n for n, p in sharded.named_parameters() if not p.requires_grad} == {"packed", "absmax"}
+
+
+def test_read_nf4_blocks_of_a_bitsandbytes_checkpoint(bnb_dir):
+    """Three ranks' runs of blocks of every 4-bit weight bitsandbytes wrote: their packed bytes and
+    scales put back together are the whole NF4Weight's (read as load_model reads it), and each rank
+    reads only its blocks' bytes, codes and the nested scales that cover them."""
+    from lora.storage.quantized import QUANT_STATE, quant_state
+    want = {f"{name}.weight": m.weight for name, m in load_model(bnb_dir).named_modules()
+            if isinstance(m, NF4Linear)}
+    entries = {e.name: e for s in read_checkpoint(bnb_dir)[0] for e in s.entries}
+    read, expected = [0, 0, 0], [0, 0, 0]
+    for name, weight in want.items():
+        state = quant_state(load_file(str(next(bnb_dir.glob("*.safetensors"))))[f"{name}.{QUANT_STATE}nf4"], name)
+        n_blocks = weight.numel() // 64
+        packed, scales = [], []
+        for rank, (a, b) in enumerate(chunks(n_blocks, 3)):
+            packed.append(torch.full((b - a, 32), 7, dtype=torch.uint8))
+            scales.append(torch.full((b - a,), float("nan")))
+            read[rank] += read_nf4_blocks(bnb_dir, name, a, packed[-1], scales[-1], state)
+            # its packed bytes and scale codes, the nested float32 scales of blocks a … b, the 256-entry map
+            expected[rank] += (b - a) * 33 + 4 * (-(-b // 256) - a // 256) + 4 * 256
+        assert torch.equal(torch.cat(packed).view(-1), weight.packed.view(-1))
+        assert torch.equal(torch.cat(scales), weight.scales())
+    assert read == expected
+    packed_bytes = sum(entries[name].nbytes for name in want)
+    assert max(read) < 0.4 * packed_bytes + 1100 * len(want)
+
+
+def nf4_args(base, tiny, out, *extra):
+    return ["--model", base, "--data", tiny / "train.jsonl", "--out", out, "--max-seq-len", 12, "--lr", 1e-2,
+            "--no-progress", "--max-steps", 3, "--log-every", 1, *extra]
+
+
+def test_fsdp_quantize_nf4_matches_one_process(base, tiny, tmp_path):
+    """--fsdp --quantize nf4, 2 processes × batch 4, against one process × batch 8 without --fsdp: the
+    same 4-bit weights (tested above), so losses to rel 1e-5 and the adapter to 1e-4 of each tensor's
+    largest entry (fp32: the batch is summed in another order). Each rank holds half of the packed
+    bytes, its shard about half of the base, and reads its own rows and blocks: the two reads add up
+    to the checkpoint's data once."""
+    out2 = tmp_path / "fsdp"
+    err = finished(torchrun(nf4_args(base, tiny, out2, "--batch-size", 4, "--quantize", "nf4", "--grad-checkpointing")))
+    one = train_cli.main([*map(str, nf4_args(base, tiny, tmp_path / "one", "--batch-size", 8, "--quantize", "nf4")),
+                          "--device", "cpu"])
+    assert one == 0
+    assert [r["loss"] for r in metrics(out2)] == pytest.approx([r["loss"] for r in metrics(tmp_path / "one")],
+                                                                rel=1e-5)
+    ta, tb = adapter(out2 / "adapter"), adapter(tmp_path / "one" / "adapter")
+    assert close(ta, tb, 1e-4) and any(tb[k].abs().sum() > 0 for k in tb if "lora_B" in k)
+    shares = {int(m[1]): [int(g.replace(",", "")) for g in m.groups()[1:]] for m in NF4_SHARE.finditer(err)}
+    assert sorted(shares) == [0, 1]
+    assert all(packed == whole_packed // 2 and 0.45 * whole <= held <= 0.55 * whole
+               for held, whole, _, packed, whole_packed in shares.values())
+    assert sum(read for _, _, read, _, _ in shares.values()) == base_bytes(base)
+
+
+def test_fsdp_over_a_bitsandbytes_checkpoint_is_data_parallel_bit_for_bit(bnb_dir, tiny, tmp_path):
+    """A transformers + bitsandbytes 4-bit checkpoint under --fsdp (bf16, activation checkpointing,
+    dropout): the adapter and losses of the same run without --fsdp, bit for bit. Each rank reads its
+    blocks' bytes, not the whole checkpoint."""
+    args = lambda out: nf4_args(bnb_dir, tiny, out, "--batch-size", 4, "--dtype", "bf16", "--grad-checkpointing",
+                                "--lora-dropout", 0.1)
+    err = finished(torchrun(args(tmp_path / "fsdp")))
+    finished(torchrun(args(tmp_path / "ddp"), fsdp=False))
+    want, got = adapter(tmp_path / "ddp" / "adapter"), adapter(tmp_path / "fsdp" / "adapter")
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert [r["loss"] for r in metrics(tmp_path / "fsdp")] == [r["loss"] for r in metrics(tmp_path / "ddp")]
+    shares = {int(m[1]): [int(g.replace(",", "")) for g in m.groups()[1:]] for m in NF4_SHARE.finditer(err)}
+    assert sorted(shares) == [0, 1]
+    assert all(packed == whole_packed // 2 and read < 0.6 * base_bytes(bnb_dir)
+               for _, _, read, packed, whole_packed in shares.values())

@@ -20,9 +20,24 @@ import sys
 
 M_TRIM_THRESHOLD = -1    # from glibc's <malloc.h>
 M_MMAP_MAX = -4
+M_MMAP_THRESHOLD = -3
 TRIM_THRESHOLD = 2**31 - 1   # mallopt takes an int: the largest value it accepts
 
 _KEPT = False
+
+
+def _glibc_mallopt():
+    """glibc's `mallopt(param, value)`, or None where the C library is not glibc (macOS, Windows, musl)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.gnu_get_libc_version            # glibc only (musl has no such symbol)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return None
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt
 
 
 def keep_freed_memory() -> bool:
@@ -31,14 +46,19 @@ def keep_freed_memory() -> bool:
     global _KEPT
     if _KEPT:
         return True
-    if not sys.platform.startswith("linux"):
+    mallopt = _glibc_mallopt()
+    if mallopt is None:
         return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.gnu_get_libc_version            # glibc only (musl has no such symbol)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     _KEPT = mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
     return _KEPT
+
+
+def return_freed_memory(threshold: int = 1 << 20) -> bool:
+    """The opposite: glibc's mmap threshold fixed at `threshold` bytes (1 MiB), so every block that
+    large is mapped on its own and unmapped when freed. By default glibc raises the threshold to each
+    freed mapped block's size (up to 32 MiB), after which blocks up to that size come from the heap and
+    stay in the process once freed. --fsdp uses it: every unit's all-gathered weights are allocated and
+    freed twice a step, and the heap kept a good part of them (docs/fsdp.md). True when set; False where
+    the C library is not glibc."""
+    mallopt = _glibc_mallopt()
+    return mallopt is not None and mallopt(M_MMAP_THRESHOLD, threshold) == 1

@@ -72,7 +72,7 @@ def _set(model: nn.Module, name: str, value) -> None:
         raise LoRAError(f"checkpoint tensor {name} has no place in the model")
 
 
-def _quant_state(state: torch.Tensor, name: str) -> dict:
+def quant_state(state: torch.Tensor, name: str) -> dict:
     """The JSON bitsandbytes packs into `…weight.quant_state.bitsandbytes__nf4` (shape, dtype, blocksize, …)."""
     try:
         qs = json.loads(bytes(state.tolist()).decode("utf-8"))
@@ -85,7 +85,7 @@ def _quant_state(state: torch.Tensor, name: str) -> dict:
 
 def _bnb_weight(stats: dict[str, torch.Tensor], packed: torch.Tensor, state: torch.Tensor, name: str) -> NF4Weight:
     """An NF4Weight from a bitsandbytes checkpoint's tensors for `name` (…weight)."""
-    qs = _quant_state(state, name)
+    qs = quant_state(state, name)
     dtype = getattr(torch, qs["dtype"])
     nested = "nested_absmax" in stats
     return NF4Weight(packed.reshape(-1).view(torch.uint8).reshape(-1, 1), stats["absmax"], stats["quant_map"],
@@ -199,7 +199,7 @@ def dequantized_layout(shards: list[Shard], dtype: str = "BF16") -> tuple[list[S
             entries = []
             for e in shard.entries:
                 if e.name in parts:
-                    qs = _quant_state(read_tensor(fd, parts[e.name]["state"], shard.path), e.name)
+                    qs = quant_state(read_tensor(fd, parts[e.name]["state"], shard.path), e.name)
                     e = Entry(e.name, dtype, tuple(qs["shape"]), e.begin, sum(p.nbytes for p in parts[e.name].values()))
                 elif e.name in stats:
                     continue
