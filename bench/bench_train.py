@@ -6,6 +6,8 @@ Three providers on the same model and batch, timed in alternating rounds in one 
   ours   lora.apply_lora + fused AdamW step on the adapter (q/k/v and gate/up share one shrink)
   ours-ungrouped  the same with one op per projection (--providers floor,ours,ours-ungrouped)
   ours-saved-input  ours keeping every LoRA input for backward, none recomputed (lora.set_recompute_inputs)
+  ours-dora, peft-dora  DoRA (use_dora=True) in ours and in PEFT (--providers floor,ours,ours-dora,peft-dora):
+                   the table gains PEFT-DoRA ÷ this (time, per round) and this ÷ ours (ours-DoRA over ours-LoRA)
 Peak memory is measured per provider in a fresh subprocess, over two steps after a first one:
   peak tensor memory  the most bytes held by tensors at once (torch's allocator, as the profiler reports
                       it on CPU; torch.cuda.max_memory_allocated on a GPU). Deterministic.
@@ -15,7 +17,7 @@ Each also has its rise above the resident model (weights, adapter, optimizer sta
 activations, gradients and temporaries (tensor_step_mb, step_mb in the JSON).
 Writes bench/results/train-<device>.json and prints a markdown table.
 
-    python bench/bench_train.py                  # the default CPU config: 6 x 1024, GQA 16/4, seq 256, batch 4, r=16
+    python bench/bench_train.py                  # the default CPU config: 6 x 1024, GQA 16/4, vocab 5120, seq 256, batch 4, r=16
     python bench/bench_train.py --dropout 0.05
     python bench/bench_train.py --preset llama-1b --dtype bf16   # on a GPU
 """
@@ -39,7 +41,12 @@ sys.path.insert(0, str(ROOT))
 import lora  # noqa: E402
 from lora.runtime.malloc import keep_freed_memory  # noqa: E402
 PRESETS = {
-    # the issue's CPU config
+    # The default CPU config: six 1024-wide layers and a 5,120-word vocabulary, so that the output head
+    # is the same share of the step's GEMM FLOPs as in Llama-3-8B (about 7%; see flop_shares).
+    "cpu-llama-6x1024": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=6, num_attention_heads=16,
+                             num_key_value_heads=4, vocab_size=5120),
+    # The same layers with a 32,000-word vocabulary: the head is a third of the GEMM FLOPs and dilutes
+    # the adapter's cost (the README's earlier tables used it).
     "cpu-6x1024": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=6, num_attention_heads=16,
                        num_key_value_heads=4, vocab_size=32000),
     # Llama-3.2-1B-shaped (GPU)
@@ -49,13 +56,16 @@ PRESETS = {
     "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                      num_key_value_heads=8, vocab_size=128256),
 }
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PROVIDERS = ("floor", "peft", "ours")   # also available: "ours-ungrouped", "ours-saved-input"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="cpu-6x1024", choices=PRESETS, help="model shape (default: the issue's CPU config)")
+    p.add_argument("--preset", default="cpu-llama-6x1024", choices=PRESETS,
+                   help="model shape: cpu-llama-6x1024 (default; the head's FLOP share as in Llama-3-8B), cpu-6x1024 "
+                        "(the same layers, vocab 32000), llama-1b, llama-8b")
     p.add_argument("--layers", type=int, help="override the preset's number of layers")
     p.add_argument("--batch", type=int, default=4, help="sequences per step (default 4)")
     p.add_argument("--seq", type=int, default=256, help="tokens per sequence (default 256)")
@@ -65,7 +75,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--steps", type=int, default=5, help="timed steps per provider (default 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per provider first (default 2)")
-    p.add_argument("--providers", default=",".join(PROVIDERS), help="comma list of floor,peft,ours,ours-ungrouped,ours-saved-input")
+    p.add_argument("--providers", default=",".join(PROVIDERS), help="comma list of floor,peft,ours,ours-ungrouped,ours-saved-input,ours-dora,peft-dora")
     p.add_argument("--no-memory", action="store_true", help="skip the per-provider peak-memory subprocesses")
     p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
                    help="CPU: glibc keeps freed memory in the process (lora.runtime.malloc, as train.py does) for every "
@@ -90,17 +100,19 @@ def build_base(args):
 
 def make_provider(name, base, args):
     """(model, optimizer or None) for one provider; the base weights are copied, never shared."""
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    targets = list(TARGETS)
     model = copy.deepcopy(base)
     if name == "floor":
         return model, None
-    if name == "peft":
+    if name in ("peft", "peft-dora"):
         import peft
         model = peft.get_peft_model(model, peft.LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=args.dropout,
-                                                           target_modules=targets, task_type="CAUSAL_LM"))
+                                                           target_modules=targets, task_type="CAUSAL_LM",
+                                                           use_dora=name == "peft-dora"))
     else:
         lora.apply_lora(model, lora.LoRAConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=args.dropout,
-                                               target_modules=targets), group_shared_inputs=name != "ours-ungrouped")
+                                               target_modules=targets, use_dora=name == "ours-dora"),
+                        group_shared_inputs=name != "ours-ungrouped")
         model.lora_recompute_inputs = name != "ours-saved-input"      # applied by step()
     params = [p for p in model.parameters() if p.requires_grad]
     with torch.no_grad():     # a non-zero B so the LoRA branch is real work
@@ -135,6 +147,26 @@ def step(model, opt, ids, args):
     return loss
 
 
+def flop_shares(base, args) -> dict:
+    """The step's arithmetic, counted from the model's shapes (per step, batch × seq tokens T):
+      floor    4 · N · T for the frozen GEMMs (forward 2N, input gradient 2N; N = every Linear's weights,
+               the head included) + attention's QKᵀ and AV, causal (half the scores), forward and backward
+               (3 × the forward's 2 · 2 · T · seq/2 · hidden per layer)
+      adapter  6 · r · (in + out) · T per adapted projection: the shrink and the expand, then dS, dB, dA
+               and the r columns of dX
+    head_share is the output head's part of the floor; adapter_share the adapter's part of floor + adapter."""
+    T, c = args.batch * args.seq, base.config
+    linears = [m for m in base.modules() if isinstance(m, torch.nn.Linear)]
+    gemm = 4 * sum(m.weight.numel() for m in linears) * T
+    attention = 3 * 2 * 2 * T * (args.seq / 2) * c.hidden_size * c.num_hidden_layers
+    head = 4 * base.get_output_embeddings().weight.numel() * T
+    adapted = [m for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in TARGETS]
+    adapter = sum(6 * args.r * (m.in_features + m.out_features) * T for m in adapted)
+    floor = gemm + attention
+    return dict(floor_flops=floor, adapter_flops=adapter, head_share=head / floor,
+                adapter_share=adapter / (floor + adapter))
+
+
 def sync(args):
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -147,6 +179,7 @@ def time_providers(args, names):
     # GEMM weights of the base (the embedding lookup is no matmul; attention's QKᵀ and AV are left
     # out, so MFU errs low)
     gemm_params = sum(m.weight.numel() for m in base.modules() if isinstance(m, torch.nn.Linear))
+    shares = flop_shares(base, args)
     del base
     times = {n: [] for n in names}
     for _ in range(args.warmup):
@@ -160,7 +193,7 @@ def time_providers(args, names):
             step(*models[n], ids, args)
             sync(args)
             times[n].append(time.perf_counter() - t0)
-    return times, models, gemm_params
+    return times, models, gemm_params, shares
 
 
 def bootstrap_ci(ratios, resamples=4000, seed=0):
@@ -278,20 +311,20 @@ def main(argv=None):
     if args.memory_child:
         return memory_child(args, args.memory_child)
     names = [n for n in args.providers.split(",") if n]
-    unknown = set(names) - {"floor", "peft", "ours", "ours-ungrouped", "ours-saved-input"}
+    unknown = set(names) - {"floor", "peft", "ours", "ours-ungrouped", "ours-saved-input", "ours-dora", "peft-dora"}
     if unknown:
         sys.exit(f"bench_train.py: error: unknown provider(s) {', '.join(sorted(unknown))}")
-    if "peft" in names:
+    if "peft" in names or "peft-dora" in names:
         try:
             import peft  # noqa: F401
         except ImportError:
-            print("peft not installed: skipping the peft provider", file=sys.stderr)
-            names.remove("peft")
+            print("peft not installed: skipping the peft providers", file=sys.stderr)
+            names = [n for n in names if n not in ("peft", "peft-dora")]
     if args.device == "cpu":
         device_name = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     else:
         device_name = torch.cuda.get_device_name()
-    times, models, gemm_params = time_providers(args, names)
+    times, models, gemm_params, shares = time_providers(args, names)
     tokens = args.batch * args.seq
     rows = []
     for n in names:
@@ -308,9 +341,17 @@ def main(argv=None):
         r["speedup_vs_peft"] = per_round(peft_s, r["provider"]) if peft_s else None
         r["ratio_to_floor_ci95"] = ci(r["provider"], floor) if floor and r["provider"] != floor else None
         r["speedup_vs_peft_ci95"] = ci(peft_s, r["provider"]) if peft_s and r["provider"] != peft_s else None
+        if "peft-dora" in names and r["provider"] != "peft-dora":
+            r["speedup_vs_peft_dora"] = per_round("peft-dora", r["provider"])
+            r["speedup_vs_peft_dora_ci95"] = ci("peft-dora", r["provider"])
+        if r["provider"] == "ours-dora" and "ours" in names:
+            r["ratio_to_ours"] = per_round("ours-dora", "ours")
+            r["ratio_to_ours_ci95"] = ci("ours-dora", "ours")
         if args.device.startswith("cuda"):      # MFU: 6·N·tokens for the base fwd+bwd would count dW;
             flops = 4 * gemm_params * tokens    # the frozen base needs fwd (2N) + input grads (2N) per token
             r["mfu"] = flops / r["step_s"] / PEAK_TFLOPS.get(args.dtype, 1) / 1e12
+    if floor:
+        shares["floor_gflops_per_s"] = shares["floor_flops"] / statistics.median(times[floor]) / 1e9
     del models
     if not args.no_memory:
         for r in rows:
@@ -322,7 +363,14 @@ def main(argv=None):
             r["peak_vs_peft"] = r["peak_mb"] / peft_mem["peak_mb"] if peft_mem else None
             r["step_mem_vs_peft"] = r["step_mb"] / peft_mem["step_mb"] if peft_mem else None
             r["tensor_peak_vs_peft"] = r["tensor_peak_mb"] / peft_mem["tensor_peak_mb"] if peft_mem else None
+        peft_dora_mem = next((r for r in rows if r["provider"] == "peft-dora"), None)
+        for r in rows:
+            if peft_dora_mem:
+                r["tensor_peak_vs_peft_dora"] = r["tensor_peak_mb"] / peft_dora_mem["tensor_peak_mb"]
+                r["peak_vs_peft_dora"] = r["peak_mb"] / peft_dora_mem["peak_mb"]
+    shape = dict(PRESETS[args.preset], **({"num_hidden_layers": args.layers} if args.layers else {}))
     result = dict(device=device_name, config=dict(vars(args), memory_child=None), tokens_per_step=tokens,
+                  model=shape, flops=shares,
                   malloc="glibc, freed memory kept (lora.runtime.malloc)" if kept else "default",
                   torch=torch.__version__, results=rows)
     tag = "cpu" if args.device == "cpu" else torch.cuda.get_device_name().replace(" ", "-")
@@ -336,12 +384,24 @@ def main(argv=None):
 PEAK_TFLOPS = {"bf16": 989.0, "fp32": 494.0}   # H100/H200 SXM dense tensor-core peaks (fp32 = TF32)
 
 
+def model_line(result) -> str:
+    """The model's shape and where the step's FLOPs go (flop_shares), for the table's header."""
+    m, fl = result.get("model"), result.get("flops")
+    if not m or not fl:
+        return ""
+    rate = fl.get("floor_gflops_per_s")
+    return (f"model: {m['num_hidden_layers']} layers × {m['hidden_size']} (intermediate {m['intermediate_size']}, "
+            f"heads {m['num_attention_heads']}/{m['num_key_value_heads']}), vocab {m['vocab_size']} · "
+            f"output head {fl['head_share']:.1%} of the floor's FLOPs · adapter {fl['adapter_share']:.1%} of the step's "
+            f"FLOPs" + (f" · floor {rate:.0f} GFLOP/s achieved" if rate else ""))
+
+
 def table(result) -> str:
     c = result["config"]
     lines = [f"{result['device']} · ratios are medians of per-round ratios (95% bootstrap interval) · preset {c['preset']}{' layers=' + str(c['layers']) if c['layers'] else ''} · "
              f"batch {c['batch']} × seq {c['seq']} · r={c['r']} · dropout {c['dropout']} · {c['dtype']} · "
              f"median of {c['steps']} alternating steps · malloc: {result.get('malloc', 'default')}",
-             "", "| provider | step (s), median | min | tokens/s | × floor | PEFT ÷ this | peak tensor memory (MB) | ÷ PEFT's | peak RSS (MB) | ÷ PEFT's |",
+             model_line(result), "", "| provider | step (s), median | min | tokens/s | × floor | PEFT ÷ this | peak tensor memory (MB) | ÷ PEFT's | peak RSS (MB) | ÷ PEFT's |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda v, fmt: "–" if v is None else format(v, fmt)
     fci = lambda v, c: f(v, ".3f") + (f" ({c[0]:.3f}–{c[1]:.3f})" if c else "")
@@ -355,6 +415,14 @@ def table(result) -> str:
                      f"{fci(r['speedup_vs_peft'], r.get('speedup_vs_peft_ci95'))} | {f(r.get('tensor_peak_mb'), '.0f')} | "
                      f"{f(r.get('tensor_peak_vs_peft'), '.2f')} | {f(r.get('peak_mb'), '.0f')} | {f(r.get('peak_vs_peft'), '.2f')} |"
                      + (f" {f(r.get('mfu'), '.1%')} |" if mfu else ""))
+    dora = [r for r in result["results"] if "speedup_vs_peft_dora" in r or r["provider"] == "peft-dora"]
+    if dora:
+        lines += ["", "| provider | PEFT-DoRA ÷ this (time) | this ÷ ours (time) | peak tensor memory ÷ PEFT-DoRA's | peak RSS ÷ PEFT-DoRA's |",
+                  "|---|---|---|---|---|"]
+        for r in dora:
+            lines.append(f"| {r['provider']} | {fci(r.get('speedup_vs_peft_dora'), r.get('speedup_vs_peft_dora_ci95'))} | "
+                         f"{fci(r.get('ratio_to_ours'), r.get('ratio_to_ours_ci95'))} | "
+                         f"{f(r.get('tensor_peak_vs_peft_dora'), '.2f')} | {f(r.get('peak_vs_peft_dora'), '.2f')} |")
     return "\n".join(lines)
 
 

@@ -90,7 +90,7 @@ K = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
     (lambda out: _rewrite(out, key_fn=lambda t: {**t, "base_model.model.lm_head.lora_A.weight": torch.zeros(2, 2)}),
      "unexpected key.*lm_head"),
     (lambda out: _rewrite(out, key_fn=lambda t: {**t, K: torch.zeros(4, 50)}), r"q_proj.lora_A.weight has shape \(4, 50\) but the model needs \(4, 48\)"),
-    (lambda out: _rewrite(out, cfg_update={"use_dora": True}), "use_dora=True is not supported"),
+    (lambda out: _rewrite(out, cfg_update={"use_dora": True}), "missing key.*lora_magnitude_vector"),
     (lambda out: _rewrite(out, cfg_update={"bias": "all"}), "bias='all' is not supported"),
     (lambda out: _rewrite(out, cfg_update={"fan_in_fan_out": True}), "fan_in_fan_out=True is not supported"),
     (lambda out: _rewrite(out, cfg_update={"target_modules": ["q_prj"]}), "'q_prj' matches no module"),

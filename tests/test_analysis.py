@@ -363,3 +363,11 @@ def test_bad_inputs_raise_lora_error(tmp_path, work):
     with pytest.raises(LoRAError, match="holds the input"):        # the library checks too, not only the CLI
         write_report(work["root"], analysis, None)
     assert (work["a4"] / "adapter_config.json").is_file()
+    import json
+    import shutil
+    dora = tmp_path / "dora"
+    shutil.copytree(work["a4"], dora)
+    cfg = json.loads((dora / "adapter_config.json").read_text())
+    (dora / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
+    with pytest.raises(LoRAError, match="a DoRA adapter"):
+        analyze_adapter(dora)

@@ -41,9 +41,17 @@ def test_peft_dict_round_trip_and_rejections():
     assert d["peft_type"] == "LORA" and d["task_type"] == "CAUSAL_LM"
     assert LoRAConfig.from_peft_dict(d) == c
     assert LoRAConfig.from_peft_dict({"r": 4, "target_modules": ["q_proj"]}).lora_alpha == 8   # PEFT's default
-    for key, value in [("use_dora", True), ("fan_in_fan_out", True), ("bias", "lora_only"),
+    for key, value in [("use_dora", "yes"), ("fan_in_fan_out", True), ("bias", "lora_only"),
                        ("modules_to_save", ["lm_head"]), ("peft_type", "IA3")]:
         with pytest.raises(LoRAError, match=key if key != "bias" else "bias="):
             LoRAConfig.from_peft_dict({**d, key: value})
     with pytest.raises(LoRAError, match="unknown field"):
         LoRAConfig.from_peft_dict({**d, "lora_rank": 3})
+
+
+def test_fingerprint_without_dora_is_the_one_runs_recorded_before_dora():
+    """A run begun before DoRA existed has no use_dora in run.json: it must still resume."""
+    from lora.training.config import TrainConfig
+    plain = TrainConfig(model="m", data="d").fingerprint()["lora"]
+    assert "use_dora" not in plain
+    assert TrainConfig(model="m", data="d", lora=LoRAConfig(use_dora=True)).fingerprint()["lora"]["use_dora"] is True

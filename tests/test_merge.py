@@ -349,7 +349,7 @@ BAD = {
     "rank": (lambda w, d: (w["single"], _edit_adapter(w["single_adapter"], d / "a", config={"rank_pattern": {"o_proj": 2}})),
              r"o_proj\.lora_A\.weight has shape \(4, 48\).*needs \(2, 48\) at r=2"),
     "dora": (lambda w, d: (w["single"], _edit_adapter(w["single_adapter"], d / "a", config={"use_dora": True})),
-             "use_dora=True is not supported"),
+             "has no lora_magnitude_vector"),
     "bias": (lambda w, d: (w["single"], _edit_adapter(w["single_adapter"], d / "a", config={"bias": "all"})),
              "bias='all' is not supported"),
     "truncated": (lambda w, d: (_truncate(_copy_base(w["sharded"], d / "b")), w["sharded_adapter"]),

@@ -64,6 +64,9 @@ def read_factors(adapter_dir: str | os.PathLike) -> dict[str, Factors]:
     if not Path(adapter_dir).is_dir():
         raise LoRAError(f"{adapter_dir}: not a directory (expected an adapter directory)")
     config = read_adapter_config(adapter_dir)
+    if config.use_dora:
+        raise LoRAError(f"{adapter_dir}: a DoRA adapter (use_dora): these analyses study ΔW = s·B A, and a DoRA "
+                        "update also rescales each row by its lora_magnitude_vector, which they do not cover")
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in read_adapter_tensors(adapter_dir).items():
         m = _KEY.match(key)

@@ -3,6 +3,7 @@
     config.py     LoRAConfig (PEFT's fields), the scaling and the init modes
     layer.py      LoRALinear: a frozen nn.Linear plus lora_A, lora_B; merge / unmerge / disable
     op.py         the plain PyTorch op: one autograd Function for one projection or a group of them
+    dora.py       DoRA: the factored row norm ‖W + s·B A‖ and the plain DoRA op (PEFT's forward)
     dropout.py    dropout by the indices of the dropped elements, regenerated from a seed
     group.py      q/k/v and gate/up found to read one input, so they share one shrink
     recompute.py  a LoRA input rebuilt in backward from tensors autograd keeps anyway

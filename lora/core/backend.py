@@ -2,6 +2,7 @@
 
 - Triton's fused kernels on CUDA when they import (`set_backend("torch")` forces the plain op,
   `"triton"` forces the kernels);
+- with no gradients wanted and no dropout (generation), plain ops without autograd (lora/core/infer_op.py);
 - else the plain autograd Function (lora/core/op.py): one per projection, or one for q/k/v and one
   for gate/up when the layer belongs to a shared-input group (lora/core/group.py);
 - in graph-safe mode (HPU, set by lora.runtime.device), dropout from the device RNG instead of a host seed,
@@ -11,6 +12,7 @@ A 4-bit base (NF4Weight) takes the plain op, its weight dequantized where used (
 gradients are wanted: autograd then keeps only the packed weight. Without gradients (generation) on
 the Triton path, decode sizes (M ≤ 16 rows) run the fused dequantize-and-multiply kernel, larger ones
 the dequantize kernel and then the LoRA kernels.
+A DoRA layer (lora/core/dora.py) takes `dora_forward`: the same choice of paths, one op per projection.
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ import torch.nn.functional as F
 
 from ..quant.linear import base_linear
 from ..quant.nf4 import NF4Weight
+from .infer_op import lora_linear_infer, wants_fast_path
+from .dora import dora_linear_graph_safe, dora_linear_torch
 from .op import lora_linear_torch
 
 _BACKEND = "auto"   # "auto" | "torch" | "triton"
@@ -83,6 +87,8 @@ def uses_triton(x: torch.Tensor) -> bool:
 
 def lora_forward(layer, x: torch.Tensor, dropout_p: float) -> torch.Tensor:
     """`layer`'s LoRA output for `x` by the path that fits (see the module docstring)."""
+    if wants_fast_path(layer, x, dropout_p) and not uses_triton(x):    # no gradients: lora/core/infer_op.py
+        return lora_linear_infer(layer, x)
     group = layer.group
     if (group is not None and group.active(x) and not uses_triton(x)
             and not (dropout_p > 0 and _GRAPH_SAFE)):     # the group draws a host-side seed
@@ -103,6 +109,24 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: floa
         if _GRAPH_SAFE and dropout_p > 0:
             return _lora_linear_graph_safe(*args, scaling, dropout_p)
         return lora_linear_torch(*args, scaling, dropout_p, recompute_input=_RECOMPUTE and not _GRAPH_SAFE)
+
+
+def dora_forward(layer, x: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    """A DoRA layer's output (lora/core/dora.py): n = ‖W + s·B A‖_row by the factored norm, detached, then
+    the fused kernel (`kernels.dora_linear`), the graph-safe plain ops, or the plain autograd Function.
+    One op per projection: DoRA layers take no shared-input group."""
+    norm = layer.dora_norm(cache=not _GRAPH_SAFE)                          # (out,) fp32, no grad
+    dtype = _compute_dtype(x, layer.weight)
+    x, weight, bias, lora_A, lora_B = _cast(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, dtype)
+    magnitude = layer.lora_magnitude_vector.to(x.dtype)
+    args = (x, weight, bias, lora_A, lora_B, magnitude, norm, layer.scaling, dropout_p)
+    with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
+        if uses_triton(x) and not isinstance(weight, NF4Weight):
+            from ..kernels import dora_linear
+            return dora_linear(*args, recompute_input=_RECOMPUTE and not _GRAPH_SAFE)
+        if _GRAPH_SAFE:
+            return dora_linear_graph_safe(*args)
+        return dora_linear_torch(*args, recompute_input=_RECOMPUTE)
 
 
 def _nf4_lora_linear_triton(x, weight, bias, lora_A, lora_B, scaling, dropout_p):

@@ -19,7 +19,6 @@ INIT_MODES = (True, False, "gaussian")
 # PEFT config fields that change the math or the module set. We accept them only at their
 # "off" value; anything else is a one-line error naming the field.
 _UNSUPPORTED_UNLESS = {
-    "use_dora": (False, None),
     "fan_in_fan_out": (False, None),
     "lora_bias": (False, None),
     "modules_to_save": (None, []),
@@ -50,6 +49,8 @@ class LoRAConfig:
     lora_dropout:     dropout on the LoRA branch's input, 0 ≤ p < 1
     target_modules:   list of exact names / dotted suffixes, a regex (full match), or "all-linear"
     use_rslora:       rank-stabilised scaling alpha / sqrt(r)
+    use_dora:         DoRA: a trainable magnitude per output feature, W' = m ⊙ (W + s·B A) / ‖W + s·B A‖_row
+                      (lora/core/dora.py); PEFT's forward and on-disk key lora_magnitude_vector
     rank_pattern:     {pattern: r} per-module override (pattern matches a name suffix, regex allowed)
     alpha_pattern:    {pattern: alpha} likewise
     layers_to_transform: int or list of layer indices (".layers.<i>.") to adapt; None = all
@@ -65,6 +66,7 @@ class LoRAConfig:
     lora_dropout: float = 0.0
     target_modules: Union[list[str], str] = field(default_factory=lambda: list(LLAMA_TARGETS))
     use_rslora: bool = False
+    use_dora: bool = False
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     layers_to_transform: Union[list[int], int, None] = None
@@ -117,6 +119,8 @@ class LoRAConfig:
             ):
                 bad(f"layers_to_transform must be an int or a list of ints >= 0, got {self.layers_to_transform!r}")
         check_init_mode(self.init_lora_weights, "LoRAConfig")
+        if not isinstance(self.use_dora, bool):
+            bad(f"use_dora must be true or false, got {self.use_dora!r}")
         if self.bias != "none":
             bad(f"bias={self.bias!r} is not supported (only 'none': base biases stay frozen)")
 
@@ -136,7 +140,7 @@ class LoRAConfig:
     def to_peft_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.update(
-            peft_type="LORA", task_type="CAUSAL_LM", inference_mode=True, use_dora=False,
+            peft_type="LORA", task_type="CAUSAL_LM", inference_mode=True,
             fan_in_fan_out=False, modules_to_save=None, lora_bias=False,
         )
         return d
@@ -158,6 +162,8 @@ class LoRAConfig:
         for k in ("rank_pattern", "alpha_pattern"):
             if kwargs.get(k) is None:
                 kwargs[k] = {}
+        if kwargs.get("use_dora", False) is None:
+            kwargs["use_dora"] = False
         try:
             return cls(**kwargs)
         except LoRAError as e:

@@ -4,6 +4,13 @@
          W: (out, in)   A_i: (r_i, in)   B_i: (out, r_i)   s_i: scaling   w_i: the adapter's weight
 
 Unmerging is the same formula with w = −1 (exact only up to the weight dtype's rounding).
+
+A DoRA adapter (a Term with `magnitude` m (out,)) gives, as PEFT's merge does:
+
+    V = fp32(W) + s · fp32(B) @ fp32(A)      W' = round_to_dtype( (m / ‖V‖_row) ⊙ V )         one rounding
+
+and unmerging divides by the same m / ‖V‖_row (kept from the merge): W = round(fp32(W') / (m/‖V‖) − s·B A).
+A weighted or multi-adapter sum including a DoRA adapter is undefined (each rescales the whole row).
 """
 from __future__ import annotations
 
@@ -11,6 +18,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+from ..errors import LoRAError
 
 
 @dataclass
@@ -20,6 +29,7 @@ class Term:
     lora_B: torch.Tensor      # (out, r)
     scaling: float
     weight: float
+    magnitude: torch.Tensor | None = None    # DoRA's lora_magnitude_vector m (out,); None for LoRA
 
 
 class Workspace:
@@ -46,6 +56,11 @@ def merged_weight(W: torch.Tensor, terms: list[Term], out_dtype: torch.dtype,
     (the upcast is exact, addition commutes); in-place ops and `copy_` into a buffer give the same bits
     as their allocating forms. `ws` holds the fp32 temporaries; the result goes to `out` when given.
     """
+    if any(u.magnitude is not None for u in terms):
+        if len(terms) != 1 or terms[0].weight != 1.0:
+            raise LoRAError("a weighted or multi-adapter merge including a DoRA adapter is undefined; "
+                            "merge a DoRA adapter alone with weight 1")
+        return dora_merged_weight(W, terms[0], out_dtype, ws, out)[0]
     ws = ws or Workspace()
     out = torch.empty(W.shape, dtype=out_dtype, device=W.device) if out is None else out
     delta = ws.get("delta", W.shape, torch.float32, W.device)              # (out, in) fp32
@@ -61,6 +76,37 @@ def merged_weight(W: torch.Tensor, terms: list[Term], out_dtype: torch.dtype,
     # A same-dtype add after an explicit upcast is several times faster than a mixed-dtype add_.
     delta.add_(W if W.dtype == torch.float32 else ws.get("w32", W.shape, torch.float32, W.device).copy_(W))
     return out.copy_(delta)                                                     # the one rounding (RNE)
+
+
+def _updated(W: torch.Tensor, u: Term, sign: float, ws: Workspace) -> torch.Tensor:
+    """fp32(W) + sign · s · B A (out, in) in a workspace buffer (fp64 for an fp64 W), W itself untouched."""
+    dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
+    V = ws.get("delta", W.shape, dtype, W.device)
+    torch.matmul(u.lora_B.to(dtype), u.lora_A.to(dtype), out=V).mul_(sign * u.scaling)   # (out, r) @ (r, in)
+    return V.add_(W if W.dtype == dtype else ws.get("w32", W.shape, dtype, W.device).copy_(W))
+
+
+def dora_merged_weight(W: torch.Tensor, u: Term, out_dtype: torch.dtype, ws: Workspace | None = None,
+                       out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(round_to(out_dtype)( m/‖V‖_row ⊙ V ), m/‖V‖_row (out,)), V = fp32(W) + s·B@A: DoRA's merge, PEFT's
+    formula (its norm is the dense row norm of V, which exists here anyway), one rounding."""
+    ws = ws or Workspace()
+    out = torch.empty(W.shape, dtype=out_dtype, device=W.device) if out is None else out
+    V = _updated(W, u, 1.0, ws)                                                # (out, in)
+    scale = u.magnitude.to(V.dtype) / torch.linalg.vector_norm(V, dim=1)      # (out,)
+    return out.copy_(V.mul_(scale.unsqueeze(1))), scale
+
+
+def dora_unmerged_weight(W: torch.Tensor, u: Term, scale: torch.Tensor, out_dtype: torch.dtype,
+                         ws: Workspace | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """round_to(out_dtype)( fp32(W') / scale − s·B@A ): a DoRA merge undone with the merge's m/‖V‖ `scale`."""
+    ws = ws or Workspace()
+    out = torch.empty(W.shape, dtype=out_dtype, device=W.device) if out is None else out
+    dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
+    V = ws.get("w32", W.shape, dtype, W.device).copy_(W).div_(scale.to(dtype).unsqueeze(1))
+    delta = ws.get("delta", W.shape, dtype, W.device)
+    torch.matmul(u.lora_B.to(dtype), u.lora_A.to(dtype), out=delta).mul_(u.scaling)
+    return out.copy_(V.sub_(delta))
 
 
 def all_finite(t: torch.Tensor) -> bool:

@@ -97,6 +97,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig, group_shared_inputs: bool =
 
     With `group_shared_inputs`, adapted q/k/v (and gate/up) siblings share one shrink of their common
     input on the plain PyTorch path (lora/core/group.py); results are the same up to float rounding.
+    `config.use_dora` makes every layer a DoRA layer (trainable lora_magnitude_vector; lora/core/dora.py).
     """
     if lora_layers(model):
         raise LoRAError("model already has LoRA layers; apply_lora once per model")
@@ -109,7 +110,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig, group_shared_inputs: bool =
                 setattr(module, child_name, LoRALinear(
                     child, r=config.rank_for(name), alpha=config.alpha_for(name),
                     dropout=config.lora_dropout, use_rslora=config.use_rslora,
-                    init_lora_weights=config.init_lora_weights))
+                    init_lora_weights=config.init_lora_weights, use_dora=config.use_dora))
             else:
                 walk(child, name + ".")
 
@@ -117,16 +118,17 @@ def apply_lora(model: nn.Module, config: LoRAConfig, group_shared_inputs: bool =
     if group_shared_inputs:
         group_siblings(model)
     for name, p in model.named_parameters():
-        p.requires_grad_(name.endswith(".lora_A") or name.endswith(".lora_B"))
+        p.requires_grad_(name.endswith((".lora_A", ".lora_B", ".lora_magnitude_vector")))
     model.lora_config = config
     return model
 
 
 def group_siblings(model: nn.Module) -> None:
-    """Link adapted siblings that read the same input (q/k/v; gate/up) into a SharedInputGroup."""
+    """Link adapted siblings that read the same input (q/k/v; gate/up) into a SharedInputGroup. DoRA
+    layers run one op each (lora/core/dora.py) and join no group."""
     for parent in model.modules():
         for names in SHARED_INPUT_SIBLINGS:
-            members = [getattr(parent, n) for n in names if isinstance(getattr(parent, n, None), LoRALinear)]
+            members = [m for n in names if isinstance(m := getattr(parent, n, None), LoRALinear) and not m.use_dora]
             if len(members) >= 2:
                 group = SharedInputGroup(members)
                 for m in members:

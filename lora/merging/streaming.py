@@ -4,6 +4,7 @@ For every adapted projection (adapter keys `base_model.model.<module>.lora_{A,B}
 checkpoint tensor `<module>.weight`) the merged weight is lora/core/delta.py's, rounded once:
 
     W' = round_to_dtype( fp32(W) + Σ_i w_i · (s_i · fp32(B_i) @ fp32(A_i)) )
+    DoRA (one adapter, weight 1): V = fp32(W) + s · fp32(B) @ fp32(A),  W' = round_to_dtype( m / ‖V‖_row ⊙ V )
 
 Every other tensor is copied byte for byte. The output keeps the base's shard files, tensor order
 and index; only `dtype` changes bytes elsewhere (float tensors converted, config.json's dtype set).

@@ -3,6 +3,8 @@
     <dir>/adapter_config.json        LoRAConfig fields + peft_type "LORA" (sorted keys, indent 2)
     <dir>/adapter_model.safetensors  base_model.model.<module>.lora_A.weight  (r, in)
                                      base_model.model.<module>.lora_B.weight  (out, r)
+                                     base_model.model.<module>.lora_magnitude_vector  (out,)  DoRA only
+                                     (PEFT writes the magnitude without a ".weight" suffix)
 """
 from __future__ import annotations
 
@@ -27,16 +29,26 @@ PREFIX = "base_model.model."
 
 
 def peft_key(module_name: str, which: str) -> str:
-    """'model.layers.0.self_attn.q_proj', 'A' -> 'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight'."""
+    """'model.layers.0.self_attn.q_proj', 'A' -> 'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight';
+    which = 'magnitude' -> '….q_proj.lora_magnitude_vector' (DoRA's m)."""
+    if which == "magnitude":
+        return f"{PREFIX}{module_name}.lora_magnitude_vector"
     return f"{PREFIX}{module_name}.lora_{which}.weight"
+
+
+def layer_tensors(name: str, layer) -> dict[str, torch.Tensor]:
+    """{PEFT key: parameter} of one LoRALinear: A and B, and m with DoRA."""
+    out = {peft_key(name, "A"): layer.lora_A, peft_key(name, "B"): layer.lora_B}
+    if layer.use_dora:
+        out[peft_key(name, "magnitude")] = layer.lora_magnitude_vector
+    return out
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's tensors under PEFT's key names (views of the live parameters)."""
     out = {}
     for name, layer in lora_layers(model).items():
-        out[peft_key(name, "A")] = layer.lora_A.detach()
-        out[peft_key(name, "B")] = layer.lora_B.detach()
+        out.update({k: p.detach() for k, p in layer_tensors(name, layer).items()})
     return out
 
 
@@ -116,8 +128,7 @@ def check_finite(t: torch.Tensor, key: str, source: str) -> None:
 def load_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], source: str = "adapter") -> None:
     params = {}
     for name, layer in lora_layers(model).items():
-        params[peft_key(name, "A")] = layer.lora_A
-        params[peft_key(name, "B")] = layer.lora_B
+        params.update(layer_tensors(name, layer))
     missing = sorted(set(params) - set(tensors))
     unexpected = sorted(set(tensors) - set(params))
     if missing:

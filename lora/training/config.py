@@ -80,9 +80,9 @@ class TrainConfig:
     grad_checkpointing: bool = setting(False, help="recompute activations in backward: less memory, one more "
                                                    "forward pass of compute", group=RUN)
     fsdp: bool = setting(False, help="under torchrun: shard the frozen base over the processes with FSDP2 "
-                                     "(each rank holds and reads about 1/N of it) instead of a whole copy on each; "
-                                     "the adapter stays replicated. CPU and CUDA, not HPU or a 4-bit base. One "
-                                     "process: the whole base, as without it. "
+                                     "(each rank holds and reads about 1/N of it, a 4-bit base's packed weights and "
+                                     "scales too) instead of a whole copy on each; the adapter stays replicated. CPU "
+                                     "and CUDA, not HPU. One process: the whole base, as without it. "
                                      "The same adapter as without it, bit for bit, so a run may be resumed with "
                                      "or without it (lora/training/fsdp.py, docs/fsdp.md)", group=RUN, same_run=True)
     eval_every: int = setting(0, help="eval loss every N steps", group=RUN, shown="0: at the end only",
@@ -129,9 +129,9 @@ class TrainConfig:
             raise LoRAError(f"--adam-eps must be > 0, got {self.adam_eps}")
         if self.quantize not in (None, "nf4"):
             raise LoRAError(f"--quantize must be nf4, got {self.quantize!r}")
-        if self.quantize and self.fsdp:
-            raise LoRAError("--quantize nf4 with --fsdp is not supported: shard a full-precision base, or "
-                            "train a 4-bit base on one process")
+        if self.fsdp and self.lora.use_dora:
+            raise LoRAError("--use-dora with --fsdp is not supported (the magnitude vector would be sharded "
+                            "with the base); use plain torchrun (data parallel)")
         if self.eval_data and self.eval_split:
             raise LoRAError("give --eval-data or --eval-split, not both")
 
@@ -141,6 +141,8 @@ class TrainConfig:
         d = {k: v for k, v in asdict(self).items() if k not in same_run}
         d["adam_betas"] = list(self.adam_betas)
         d["world_size"] = int(os.environ.get("WORLD_SIZE", "1"))
+        if not d["lora"]["use_dora"]:       # a later setting: left out at its default, so runs begun
+            del d["lora"]["use_dora"]       # before it existed still resume
         return json.loads(json.dumps(d))
 
 

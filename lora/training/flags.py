@@ -100,6 +100,8 @@ LORA_FLAGS = {
     "lora_dropout": dict(help="dropout on the adapter input", parse=float),
     "target_modules": dict(help="comma-separated module names (suffix match), or all-linear", parse=targets),
     "use_rslora": dict(help="scaling = alpha / sqrt(r)", parse=None),
+    "use_dora": dict(help="DoRA: a trainable magnitude per output feature, W' = m * (W + s B A) / row norm "
+                         "(PEFT's use_dora; docs/dora.md)", parse=None),
     "layers_to_transform": dict(help="comma-separated layer indices to adapt", parse=ints, shown="all"),
     "exclude_modules": dict(help="comma-separated module names (suffix match) never adapted", parse=names),
     "rank_pattern": dict(help='per-module r as JSON, e.g. \'{"down_proj": 16}\'', parse=json_object),

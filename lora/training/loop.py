@@ -219,7 +219,7 @@ def load_base_with_lora(cfg: TrainConfig, device: Device, dtype: torch.dtype):
         model = load_model(cfg.model, dtype, quantize=cfg.quantize).to(device.torch_device)
         device.manual_seed(cfg.seed)
         apply_lora(model, cfg.lora)
-    params = [p for layer in lora_layers(model).values() for p in (layer.lora_A, layer.lora_B)]
+    params = [p for layer in lora_layers(model).values() for p in layer.adapter_parameters()]
     distributed.broadcast(params)
     if cfg.grad_checkpointing:
         enable_checkpointing(model)
