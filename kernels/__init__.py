@@ -7,6 +7,8 @@
         (dropout: PEFT's form, kernels/dora.py), autograd to x, lora_A, lora_B, magnitude
     nf4_dequantize(weight, dtype)      an NF4 weight (lora/quant/nf4.py) as a dense tensor, bit-exact
     nf4_matmul(x, weight, bias)        x Wᵀ + b with W dequantized in the K loop, for M ≤ 16 rows (decode)
+    sgmv_(y, x, lora_A, lora_Bt, scalings, seg_start, seg_len, seg_adapter, max_len) / bgmv_(..., row_adapter)
+                                       many adapters in one batch, per segment / per row (kernels/segmented.py)
 
 Runs on CUDA tensors, and on CPU tensors when TRITON_INTERPRET=1 is set before this package is
 imported (how CI tests it). See docs/kernels.md for the design.
@@ -23,12 +25,13 @@ except ImportError:
 
     def lora_linear(*args, **kwargs):
         raise ImportError("lora.kernels needs triton (pip install triton); use lora.set_backend('torch')")
-    nf4_dequantize = nf4_matmul = dora_linear = lora_linear
+    nf4_dequantize = nf4_matmul = dora_linear = sgmv_ = bgmv_ = lora_linear
 else:
     from .autograd import lora_linear
     from .dora import dora_linear
     from .dropout import dropout_mask
     from .nf4_dequant import nf4_dequantize
     from .nf4_matmul import MAX_M as nf4_matmul_max_rows, nf4_matmul
+    from .segmented import bgmv_, sgmv_
 
     AVAILABLE = True

@@ -78,7 +78,7 @@ class Timing:
 def complete(model: nn.Module, tokenizer, texts: list[str], max_new_tokens: int,
              sampling: Sampling = Sampling(), batch_size: int = 8, chat_template: bool = False,
              fmt: str = "plain", bucket: int = 0, on_token: Callable[[int, int], None] | None = None,
-             progress: bool = False, warmup: bool = False) -> tuple[list[str], Timing]:
+             progress: bool = False, warmup: bool = False, adapters: list | None = None) -> tuple[list[str], Timing]:
     """Replies to `texts` in input order, generated `batch_size` prompts at a time.
 
     Every prompt is encoded and checked against the context before any is generated, so a bad line
@@ -88,11 +88,19 @@ def complete(model: nn.Module, tokenizer, texts: list[str], max_new_tokens: int,
     `warmup` first runs the first batch for 2 tokens, untimed, so that one-time costs (CUDA context,
     kernel compiles and autotuning, graph captures) stay out of the reported prefill and decode times.
     `progress` shows prompts done on stderr when there are several batches and stderr is a terminal.
+    `adapters`: one per text (a name, or None for the base alone) on a model holding named adapters
+    (lora.serving): rows of different adapters share each batch.
     """
     if batch_size < 1:
         raise LoRAError(f"batch size must be >= 1, got {batch_size}")
     if bucket < 0:
         raise LoRAError(f"bucket must be >= 0 (0 = off), got {bucket}")
+    if adapters is not None and len(adapters) != len(texts):
+        raise LoRAError(f"{len(adapters)} adapters for {len(texts)} prompts: one per prompt")
+    rows = adapters if adapters is not None else [None] * len(texts)
+    if adapters is not None:
+        from ..serving.rows import row_index
+        row_index(model, adapters)                  # an unknown name fails here, before any generation
     prompts = [encode(tokenizer, t, chat_template, fmt) for t in texts]
     for i, p in enumerate(prompts):
         check_context(model, len(p), max_new_tokens, f"prompt {i + 1}")
@@ -101,20 +109,22 @@ def complete(model: nn.Module, tokenizer, texts: list[str], max_new_tokens: int,
     starts = range(0, len(prompts), batch_size)
     if warmup:
         generate(model, prompts[:batch_size], min(2, max_new_tokens), eos_token_id=(), pad_token_id=pad,
-                 sampling=sampling, pad_to_multiple=max(bucket, 1), static_cache=bucket > 0)
+                 sampling=sampling, pad_to_multiple=max(bucket, 1), static_cache=bucket > 0,
+                 adapters=None if adapters is None else rows[:batch_size])
     # Prompts done, rate and ETA, for a terminal only: in a log or a pipe stderr keeps timing and errors.
     bar = Progress(len(prompts), "generate", "prompt", enabled=progress and len(starts) > 1 and sys.stderr.isatty())
     replies, timing = [], Timing()
     for n, start in enumerate(starts):
-        batch = prompts[start:start + batch_size]
+        batch, batch_rows = prompts[start:start + batch_size], rows[start:start + batch_size]
         real = len(batch)
         if bucket and len(starts) > 1:
             # Static shapes: a short last batch is filled up with copies of its first prompt (their
             # replies are dropped) so that it runs the same compiled graphs as the others.
             batch = batch + [batch[0]] * (batch_size - real)
+            batch_rows = batch_rows + [batch_rows[0]] * (batch_size - real)
         g = generate(model, batch, max_new_tokens, eos_token_id=eos, pad_token_id=pad, sampling=sampling,
                      pad_to_multiple=max(bucket, 1), static_cache=bucket > 0,
-                     on_token=on_token if n == 0 else None)
+                     on_token=on_token if n == 0 else None, adapters=None if adapters is None else batch_rows)
         g.tokens, g.stopped = g.tokens[:real], g.stopped[:real]
         g.prompt_tokens = sum(len(p) for p in batch[:real])
         timing.add(g)

@@ -151,17 +151,32 @@ def check_context(model: nn.Module, prompt_tokens: int, max_new_tokens: int, pro
                         f"model's context of {ctx} tokens")
 
 
-@torch.no_grad()
 def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int,
              eos_token_id: int | Iterable[int] | None = None, pad_token_id: int = 0,
              sampling: Sampling = Sampling(), pad_to_multiple: int = 1, static_cache: bool = False,
-             on_token: Callable[[int, int], None] | None = None) -> Generated:
+             on_token: Callable[[int, int], None] | None = None, adapters=None) -> Generated:
     """Generate up to `max_new_tokens` tokens after each prompt (lists of token ids).
 
     eos_token_id None means the model's own (eos_ids: generation_config and config); pass () to never stop
     early. on_token(row, token_id) is called for each new token as soon as it is chosen (not for the
     end-of-sequence id), e.g. to stream text. See the module docstring for the static-shape mode.
+    `adapters`: on a model holding named adapters (lora.serving.load_adapters), each prompt's adapter
+    (a name, an index, or None for the base alone); all rows share one forward per step.
     """
+    if adapters is None:
+        return _generate(model, prompts, max_new_tokens, eos_token_id, pad_token_id, sampling,
+                         pad_to_multiple, static_cache, on_token)
+    if len(adapters) != len(prompts):
+        raise LoRAError(f"{len(adapters)} adapters for {len(prompts)} prompts: one per prompt")
+    from ..serving.rows import adapter_rows
+    with adapter_rows(model, adapters):
+        return _generate(model, prompts, max_new_tokens, eos_token_id, pad_token_id, sampling,
+                         pad_to_multiple, static_cache, on_token)
+
+
+@torch.no_grad()
+def _generate(model, prompts, max_new_tokens, eos_token_id, pad_token_id, sampling, pad_to_multiple,
+              static_cache, on_token) -> Generated:
     if not prompts:
         raise LoRAError("no prompts to generate from")
     if any(len(p) == 0 for p in prompts):

@@ -1,11 +1,13 @@
 """Prompts as the model sees them: read from a file, formatted (plain, chat template, guanaco), encoded.
 
     read_prompts(path)               -> one prompt per line; a blank line is an error naming it
+    read_prompt_rows(path)           -> [(prompt, adapter name or None)] from a .jsonl file
     format_prompt(tok, text, ...)    -> the text the model sees
     encode(tok, text, ...)           -> its token ids
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ..errors import LoRAError
@@ -26,6 +28,30 @@ def read_prompts(path: str) -> list[str]:
         if not line.strip():
             raise LoRAError(f"{path}:{i}: empty prompt")
     return lines
+
+
+def read_prompt_rows(path: str) -> list[tuple[str, str | None]]:
+    """A `.jsonl` prompt file: one `{"prompt": TEXT, "adapter": NAME}` object per line, `adapter`
+    missing or null for the base alone. Any other key, or a line that is not such an object, is an
+    error naming the line."""
+    rows = []
+    for i, line in enumerate(read_prompts(path), 1):
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LoRAError(f"{path}:{i}: not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise LoRAError(f"{path}:{i}: expected a JSON object {{\"prompt\": ..., \"adapter\": ...}}")
+        unknown = sorted(set(d) - {"prompt", "adapter"})
+        if unknown:
+            raise LoRAError(f"{path}:{i}: unknown key(s) {', '.join(map(repr, unknown))} (only prompt, adapter)")
+        prompt, adapter = d.get("prompt"), d.get("adapter")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise LoRAError(f"{path}:{i}: \"prompt\" must be a non-empty string")
+        if adapter is not None and not isinstance(adapter, str):
+            raise LoRAError(f"{path}:{i}: \"adapter\" must be a name or null, got {adapter!r}")
+        rows.append((prompt, adapter))
+    return rows
 
 
 def format_prompt(tokenizer, text: str, chat_template: bool = False, fmt: str = "plain") -> str:

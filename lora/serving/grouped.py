@@ -1,0 +1,45 @@
+"""The plain multi-adapter LoRA term, added into the base output in place.
+
+    y[i] += s_k · (x[i] A_kᵀ) B_kᵀ        for every row i whose adapter is k
+        x: (M, in)   y: (M, out)   A_k: (r_k, in)   B_k: (out, r_k)   s_k: adapter k's scaling here
+
+Grouped (CPU, CUDA without Triton): rows are grouped by adapter once per forward (lora/serving/rows.py);
+each group costs one shrink and one expand on its own rows, `index_add_` puts them back. A group
+that holds every row, or one contiguous run of rows (a row of a decode batch, a prompt at prefill),
+reads x and writes y through views instead, with `addmm_` as the single-adapter path does. A row with
+no adapter, or whose adapter does not target this module, is never written: it keeps the base's
+output bit for bit.
+
+Masked (graph capture, HPU: shapes must not depend on the data): every adapter's shrink and expand
+run over all M rows, S multiplied by a 0/1 row mask first. The index is data, not shape: one graph
+serves every mix of adapters, at n times the (small) adapter FLOPs.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def grouped_lora_(y: torch.Tensor, x: torch.Tensor, adapters, groups) -> None:
+    """y (M, out) += each group's LoRA term. `adapters[k]`: (A_k, B_kᵀ, s_k) or None (module not
+    targeted by k); `groups`: (k, rows) pairs, rows None for all, a slice, or a LongTensor of indices."""
+    for k, rows in groups:
+        ad = adapters[k]
+        if ad is None:
+            continue
+        A, Bt, s = ad
+        if rows is None:
+            y.addmm_(torch.mm(x, A.t()), Bt, alpha=s)                          # every row: y += s · (x Aᵀ) Bᵀ
+        elif isinstance(rows, slice):                                           # one run of rows: views
+            y[rows].addmm_(torch.mm(x[rows], A.t()), Bt, alpha=s)
+        else:
+            S = torch.mm(x.index_select(0, rows), A.t())                        # (M_k, r_k) shrink
+            y.index_add_(0, rows, torch.mm(S, Bt), alpha=s)                     # (M_k, out) expand, added back
+
+
+def masked_lora_(y: torch.Tensor, x: torch.Tensor, adapters, masks) -> None:
+    """y (M, out) += Σ_k s_k · ((x A_kᵀ) ⊙ mask_k) B_kᵀ; `masks[k]`: (M, 1) 0/1 in x's dtype."""
+    for ad, mask in zip(adapters, masks):
+        if ad is None:
+            continue
+        A, Bt, s = ad
+        y.addmm_(torch.mm(x, A.t()).mul_(mask), Bt, alpha=s)

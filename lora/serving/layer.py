@@ -1,0 +1,87 @@
+"""`MultiLoRALinear`: a frozen `nn.Linear` and the adapters of one module, stacked, each batch row
+choosing its own (lora/serving/rows.py).
+
+    y[i] = x[i] Wᵀ + b + s_k · (x[i] A_kᵀ) B_kᵀ       k = row i's adapter; no term when k = -1
+        lora_A: (n, r_max, in)   lora_Bt: (n, r_max, out), B_kᵀ stacked as the expand reads it
+        adapter k uses A_k = lora_A[k, :r_k] and B_kᵀ = lora_Bt[k, :r_k], both contiguous
+
+Ranks are padded to the largest with zeros. The plain paths (lora/serving/grouped.py) read each
+adapter's own r_k (the padding is never multiplied: the same products as the adapter alone); the
+Triton kernels (kernels/segmented.py, when lora.core.backend picks Triton) read the padded stacks,
+whose zeros add nothing. An adapter that does not target this
+module has `present[k]` False and contributes nothing for its rows. Scalings are per adapter and
+per module (rank_pattern / alpha_pattern), from lora/core/config.py.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..core import backend
+from ..quant.linear import base_linear
+from .grouped import grouped_lora_, masked_lora_
+
+
+class MultiLoRALinear(nn.Module):
+    """Keeps the base's `weight`/`bias`; adds buffers `lora_A`, `lora_Bt` (stacked, zero-padded) and
+    the per-adapter `ranks`, `scalings`, `present`."""
+
+    def __init__(self, base: nn.Linear, lora_A: torch.Tensor, lora_Bt: torch.Tensor, ranks: list[int],
+                 scalings: list[float], present: list[bool], state):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        self.register_buffer("lora_A", lora_A)           # (n, r_max, in)
+        self.register_buffer("lora_Bt", lora_Bt)         # (n, r_max, out)
+        self.ranks, self.scalings, self.present = list(ranks), list(scalings), list(present)
+        self.state = state                                # ServingState, shared with the model
+        self._views = self._adapter_views()
+
+    def _adapter_views(self):
+        """Per adapter (A_k (r_k, in), B_kᵀ (r_k, out), s_k) as views of the stacks, or None."""
+        return [(self.lora_A[k, :r], self.lora_Bt[k, :r], s) if on else None
+                for k, (r, s, on) in enumerate(zip(self.ranks, self.scalings, self.present))]
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self._views = self._adapter_views()              # the stacks may be new tensors now
+        return out
+
+    def _triton_(self, y2: torch.Tensor, x2: torch.Tensor, index) -> None:
+        """The kernels of kernels/segmented.py: per row at decode (T = 1), per segment at prefill. Rows of
+        an adapter that does not target this module get index -1 here (nothing added)."""
+        from .. import kernels
+        M = x2.shape[0]
+        ids = index.token_ids(M, x2.device)                                # (M,) int32
+        if not all(self.present):
+            present = torch.tensor(self.present + [False], device=x2.device)   # [-1] reads the last: False
+            ids = torch.where(present[ids.long()], ids, -1).to(torch.int32)
+        A, Bt = self.lora_A.to(x2.dtype), self.lora_Bt.to(x2.dtype)
+        scalings = torch.tensor(self.scalings, dtype=torch.float32, device=x2.device)
+        if index.token_rows(M) == 1:
+            kernels.bgmv_(y2, x2, A, Bt, scalings, ids)
+        else:
+            start, length, adapter = kernels.segmented.segments(ids)
+            if length.numel():
+                kernels.sgmv_(y2, x2, A, Bt, scalings, start, length, adapter, int(length.max()))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, adapters={len(self.ranks)}, "
+                f"ranks={self.ranks}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = base_linear(x, self.weight, self.bias)                         # x Wᵀ + b  (..., out)
+        index = self.state.current
+        if index is None or not index.active:
+            return y
+        x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])       # (M, in), (M, out)
+        views = self._views
+        if self.lora_A.dtype != x.dtype:            # as the single-adapter path: in x's dtype
+            views = [None if v is None else (v[0].to(x.dtype), v[1].to(x.dtype), v[2]) for v in views]
+        if backend.uses_triton(x):
+            self._triton_(y2, x2, index)
+        elif backend._GRAPH_SAFE:
+            masked_lora_(y2, x2, views, index.masks(x2.shape[0], x.device, x.dtype))
+        else:
+            grouped_lora_(y2, x2, views, index.groups(x2.shape[0], x.device))
+        return y
