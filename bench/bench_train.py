@@ -401,7 +401,7 @@ def table(result) -> str:
     lines = [f"{result['device']} · ratios are medians of per-round ratios (95% bootstrap interval) · preset {c['preset']}{' layers=' + str(c['layers']) if c['layers'] else ''} · "
              f"batch {c['batch']} × seq {c['seq']} · r={c['r']} · dropout {c['dropout']} · {c['dtype']} · "
              f"median of {c['steps']} alternating steps · malloc: {result.get('malloc', 'default')}",
-             model_line(result), "", "| provider | step (s), median | min | tokens/s | × floor | PEFT ÷ this | peak tensor memory (MB) | ÷ PEFT's | peak RSS (MB) | ÷ PEFT's |",
+             *filter(None, [model_line(result)]), "", "| provider | step (s), median | min | tokens/s | × floor | PEFT ÷ this | peak tensor memory (MB) | ÷ PEFT's | peak RSS (MB) | ÷ PEFT's |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda v, fmt: "–" if v is None else format(v, fmt)
     fci = lambda v, c: f(v, ".3f") + (f" ({c[0]:.3f}–{c[1]:.3f})" if c else "")

@@ -81,3 +81,25 @@ def test_table_shows_mfu_on_a_gpu():
     cpu = bench_train.table(dict(device="cpu", config=dict(config, dtype="fp32"),
                                  results=[{k: v for k, v in r.items() if k != "mfu"} for r in rows]))
     assert "MFU" not in cpu
+
+
+def test_header_gives_the_flop_shares_of_the_llama_preset():
+    """cpu-llama-6x1024: the head's share of the floor's FLOPs is Llama-3-8B's (about 7%)."""
+    args = bench_train.parse_args(["--layers", "1", "--seq", "16", "--batch", "1"])
+    assert args.preset == "cpu-llama-6x1024"
+    base = bench_train.build_base(args)
+    shares = bench_train.flop_shares(base, bench_train.parse_args(["--seq", "256"]))
+    T = 4 * 256
+    layer = 1024 * 1024 * 2 + 2 * 1024 * 256 + 3 * 1024 * 2816               # q, o; k, v; gate, up, down
+    head = 1024 * 5120
+    adapter = 6 * 16 * (2 * 2048 + 2 * 1280 + 3 * (1024 + 2816)) * T          # 6 r (in + out) T per projection
+    floor = lambda L: 4 * (L * layer + head) * T + 3 * 2 * 2 * T * 128 * 1024 * L      # GEMMs + causal attention
+    assert shares["floor_flops"] == floor(1) and shares["adapter_flops"] == adapter     # this base: one layer
+    assert shares["head_share"] == 4 * head * T / floor(1)
+    assert abs(4 * head * T / floor(6) - 0.070) < 0.002                      # the preset's six layers: 7%
+    six = bench_train.parse_args([])
+    full = dict(bench_train.PRESETS[six.preset])
+    lines = bench_train.table(dict(device="cpu", config=dict(preset=six.preset, layers=None, batch=4, seq=256, r=16,
+                                                             dropout=0.0, dtype="fp32", steps=1),
+                                   model=full, flops=dict(shares, floor_gflops_per_s=100.0), results=[])).splitlines()
+    assert lines[1].startswith("model: 6 layers × 1024") and "output head" in lines[1] and "100 GFLOP/s" in lines[1]

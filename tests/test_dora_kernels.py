@@ -9,32 +9,19 @@ and dropout given as the kernels' own (M, in) multiplier (`dropout_mask`, the sa
 
 Every buffer a launcher allocates for a kernel to fill (S, y, u, dS, dX, dA) is poisoned with NaN first.
 """
-import importlib
-import os
-import sys
 
 import pytest
 import torch
 
-ON_GPU = torch.cuda.is_available()
-if not ON_GPU:
-    os.environ["TRITON_INTERPRET"] = "1"
-pytest.importorskip("triton")
+from triton_interpreter import DEVICE, ON_GPU  # noqa: E402  (first: sets up the interpreter)
 
 import lora  # noqa: E402
 import lora.kernels  # noqa: E402
-
-if not ON_GPU and not lora.kernels.launch.INTERPRET:
-    # Imported earlier in this process without the interpreter: import again, now interpreted.
-    for name in [n for n in sys.modules if n.startswith("lora.kernels")]:
-        del sys.modules[name]
-    importlib.import_module("lora.kernels")
 
 from lora.kernels import dora_linear, dropout_mask, launch, lora_linear  # noqa: E402
 from lora.kernels import dy_pass as dy_pass_mod, gemm as gemm_mod  # noqa: E402
 from lora.kernels import grad_a as grad_a_mod, shrink as shrink_mod  # noqa: E402
 
-DEVICE = "cuda" if ON_GPU else "cpu"
 # Tolerance: ROUNDINGS roundings of the output's dtype, relative to the largest reference value. The
 # kernels round S, u, y, dY ⊙ g, dS (and with dropout xd, x − xd) to the input dtype once each.
 ROUNDINGS = 8

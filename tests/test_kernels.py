@@ -1,32 +1,22 @@
 """The fused Triton LoRA kernels against a float64 reference.
 
 Without a GPU the kernels run on CPU tensors under Triton's interpreter: TRITON_INTERPRET=1 has to be
-set before `lora.kernels` is imported (triton.jit decides at decoration time), so this module sets it
-first. With a GPU the same tests run compiled on CUDA.
+set before `lora.kernels` is imported (triton.jit decides at decoration time), so tests/triton_interpreter.py
+(imported first) sets it. With a GPU the same tests run compiled on CUDA.
 
 Every buffer a launcher allocates for a kernel to fill is poisoned with NaN (autouse fixture), so an
 element a kernel forgets to write fails the comparison.
 """
-import importlib
 import os
 import sys
 
 import pytest
 import torch
 
-ON_GPU = torch.cuda.is_available()
-if not ON_GPU:
-    os.environ["TRITON_INTERPRET"] = "1"
-pytest.importorskip("triton")
+from triton_interpreter import DEVICE, ON_GPU  # noqa: E402  (first: sets up the interpreter)
 
 import lora  # noqa: E402
 import lora.kernels  # noqa: E402
-
-if not ON_GPU and not lora.kernels.launch.INTERPRET:
-    # Imported earlier in this process without the interpreter: import again, now interpreted.
-    for name in [n for n in sys.modules if n.startswith("lora.kernels")]:
-        del sys.modules[name]
-    importlib.import_module("lora.kernels")
 
 from lora.kernels import dropout_mask, launch, lora_linear  # noqa: E402
 from lora.kernels import dy_pass as dy_pass_mod, gemm as gemm_mod, grad_a as grad_a_mod  # noqa: E402
@@ -34,7 +24,6 @@ from lora.kernels import shrink as shrink_mod  # noqa: E402
 from lora.kernels.grad_a import grad_a  # noqa: E402
 from lora.kernels.shrink import shrink  # noqa: E402
 
-DEVICE = "cuda" if ON_GPU else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 

@@ -3,30 +3,15 @@
 Shapes are not multiples of the tiles; ranks differ (zero-padded to the largest); rows with no
 adapter must keep y bit for bit; the S buffer starts as NaN (poisoned), so any row the expand reads
 that the shrink did not write shows."""
-import importlib
-import os
-import sys
 
 import pytest
 import torch
 
-ON_GPU = torch.cuda.is_available()
-if not ON_GPU:
-    os.environ["TRITON_INTERPRET"] = "1"
-pytest.importorskip("triton")
-
-import lora.kernels  # noqa: E402
-
-if not ON_GPU and not lora.kernels.launch.INTERPRET:
-    for name in [n for n in sys.modules if n.startswith("lora.kernels")]:
-        del sys.modules[name]
-    importlib.import_module("lora.kernels")
-
+from triton_interpreter import DEVICE  # noqa: E402  (first: sets up the interpreter)
 from lora.kernels import launch  # noqa: E402
 from lora.kernels.segmented import bgmv_, segments, sgmv_  # noqa: E402
 from lora.serving.grouped import grouped_lora_  # noqa: E402
 
-DEVICE = "cuda" if ON_GPU else "cpu"
 RANKS = [5, 3, 8]
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from lora import LoRAConfig, LoRAError, LoRALinear, apply_lora, load_adapter, save_adapter
 from lora.core import backend, infer_op
@@ -24,15 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import infer  # noqa: E402
 
-EOS = 2
-
-
-def tiny_config(**kw):
-    base = dict(vocab_size=101, hidden_size=48, intermediate_size=84, num_hidden_layers=2,
-                num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64,
-                pad_token_id=0, bos_token_id=1, eos_token_id=EOS)
-    base.update(kw)
-    return LlamaConfig(**base)
+from test_infer import tiny_config  # noqa: E402  (the same tiny Llama as the inference tests)
 
 
 # Adapters that differ in rank, alpha, targets, rank/alpha patterns, rsLoRA and layers.
