@@ -39,13 +39,16 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, default=10, help="decoder layers of the synthetic base (default 10: 1.35 GB)")
     p.add_argument("--seq", type=int, default=32, help="tokens per example (default 32)")
     p.add_argument("--batch", type=int, default=4, help="global batch: examples per step over all ranks (default 4)")
-    p.add_argument("--steps", type=int, default=3, help="optimizer steps per run (default 3)")
+    p.add_argument("--steps", type=int, default=3, help="optimizer steps per run (default 3; at least 2: the first is not timed)")
     p.add_argument("--procs", default="1,2", help="process counts to run (default 1,2)")
     p.add_argument("--work", default="/tmp/bench-fsdp",
                    help="where the base, data and runs go (default /tmp/bench-fsdp)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "fsdp-cpu.json"), help="JSON path")
     p.add_argument("--_worker", dest="worker", action="store_true", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.steps < 2:
+        p.error("--steps must be at least 2 (the step time is the median of the steps after the first)")
+    return args
 
 
 def rss_mb() -> float:
@@ -85,20 +88,25 @@ def build_inputs(work: Path, layers: int) -> tuple[Path, Path, int]:
     return base, data, n
 
 
+def train_config(args, out: Path, world: int):
+    """The benchmark's run: train.py's settings for the base in --work, --fsdp, bf16, r = 16 on every Linear."""
+    from lora import LoRAConfig
+    from lora.training import TrainConfig
+    return TrainConfig(model=str(Path(args.work) / "base"), data=str(Path(args.work) / "train.jsonl"), out=str(out),
+                       max_seq_len=args.seq, pack=True, batch_size=args.batch // world, max_steps=args.steps,
+                       log_every=1, dtype="bf16", device="cpu", fsdp=True, force=True, progress=False,
+                       lora=LoRAConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+
+
 def worker(args) -> None:
     """One rank of a run: train.py's loop, then this rank's figures into <out>/rank-<r>.json."""
-    from lora import LoRAConfig
     from lora.storage.model_dir import skeleton
-    from lora.training import TrainConfig, train
+    from lora.training import train
     skeleton(Path(args.work) / "base")          # the modelling code imported (~200 MB), nothing allocated
     bare = rss_mb()
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     out = Path(args.work) / f"run-{world}"
-    cfg = TrainConfig(model=str(Path(args.work) / "base"), data=str(Path(args.work) / "train.jsonl"), out=str(out),
-                      max_seq_len=args.seq, pack=True, batch_size=args.batch // world, max_steps=args.steps,
-                      log_every=1, dtype="bf16", device="cpu", fsdp=True, force=True, progress=False,
-                      lora=LoRAConfig(r=16, lora_alpha=32, target_modules="all-linear"))
-    train(cfg)
+    train(train_config(args, out, world))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     (out / f"rank-{rank}.json").write_text(json.dumps({"rank": rank, "bare_mb": bare, "peak_mb": peak}))
 

@@ -129,8 +129,8 @@ def attach(model, probe_holder: list) -> None:
 
 def worker(args) -> None:
     import torch
-    from lora import LoRAConfig
-    from lora.training import TrainConfig, train, loop
+    from bench_fsdp import train_config
+    from lora.training import loop, train
 
     probes: list = []
     load = loop.load_base_with_lora
@@ -151,11 +151,7 @@ def worker(args) -> None:
     torch.optim.AdamW = RecordedAdamW
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     out = Path(args.work) / f"profile-{world}"
-    cfg = TrainConfig(model=str(Path(args.work) / "base"), data=str(Path(args.work) / "train.jsonl"), out=str(out),
-                      max_seq_len=args.seq, pack=True, batch_size=args.batch // world, max_steps=args.steps,
-                      log_every=1, dtype="bf16", device="cpu", fsdp=True, force=True, progress=False,
-                      lora=LoRAConfig(r=16, lora_alpha=32, target_modules="all-linear"))
-    train(cfg)
+    train(train_config(args, out, world))
     (out / f"events-{rank}.json").write_text(json.dumps(probes[0].events))
 
 

@@ -13,7 +13,7 @@ Every buffer a launcher allocates for a kernel to fill (S, y, u, dS, dX, dA) is 
 import pytest
 import torch
 
-from triton_interpreter import DEVICE, ON_GPU  # noqa: E402  (first: sets up the interpreter)
+from triton_interpreter import DEVICE, ON_GPU, poisoned_outputs  # noqa: E402,F401  (first: the interpreter)
 
 import lora  # noqa: E402
 import lora.kernels  # noqa: E402
@@ -30,19 +30,6 @@ TOL = {torch.float32: 1e-5, torch.float16: ROUNDINGS * UNIT[torch.float16],
        torch.bfloat16: ROUNDINGS * UNIT[torch.bfloat16]}
 SCALING = 0.7
 SEED = 987654321987
-
-
-@pytest.fixture(autouse=True)
-def poisoned_outputs(monkeypatch):
-    """Every kernel-written buffer starts as NaN; counts the allocations."""
-    calls = []
-
-    def empty_nan(shape, dtype, device):
-        calls.append(shape)
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(launch, "empty_output", empty_nan)
-    return calls
 
 
 def make_inputs(x_shape, N, r, dtype, bias, m_dtype=torch.float32, seed=0):

@@ -7,18 +7,11 @@ that the shrink did not write shows."""
 import pytest
 import torch
 
-from triton_interpreter import DEVICE  # noqa: E402  (first: sets up the interpreter)
-from lora.kernels import launch  # noqa: E402
+from triton_interpreter import DEVICE, poisoned_outputs  # noqa: E402,F401  (first: the interpreter)
 from lora.kernels.segmented import bgmv_, segments, sgmv_  # noqa: E402
 from lora.serving.grouped import grouped_lora_  # noqa: E402
 
 RANKS = [5, 3, 8]
-
-
-@pytest.fixture(autouse=True)
-def poisoned_outputs(monkeypatch):
-    monkeypatch.setattr(launch, "empty_output",
-                        lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
 
 
 def stacks(K, N, seed=0):

@@ -21,3 +21,18 @@ if not ON_GPU and not lora.kernels.launch.INTERPRET:
     importlib.import_module("lora.kernels")
 
 DEVICE = "cuda" if ON_GPU else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Every buffer a launcher allocates for a kernel to fill starts as NaN, so an element a kernel
+    forgets to write fails the comparison; returns the shapes allocated, so a test can check it ran.
+    Autouse in every test module that imports it."""
+    calls = []
+
+    def empty_nan(shape, dtype, device):
+        calls.append(shape)
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(lora.kernels.launch, "empty_output", empty_nan)
+    return calls
