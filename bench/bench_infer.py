@@ -19,7 +19,9 @@ in turn, the first provider rotating, so that a slow spell of a shared machine h
 ratio is the median over rounds of (decode time ÷ the floor's decode time in the same round), with
 the smallest and largest round ratio beside it; "÷ one-adapter tok/s" and "PEFT time ÷ ours" are
 paired the same way (medians over rounds of the ratio of two providers' decode times in one round). Tokens are compared: part 1, the adapter's with the
-merged model's; part 2, ours-1 and peft-1 with the one-adapter model's, ours-K with peft-K's. Writes bench/results/infer-<device>.{json,md}.
+merged model's; part 2, ours-1 and peft-1 with the one-adapter model's, ours-K with peft-K's. Under the
+table, part 2's weight-streaming ceiling: K distinct adapters read (K − 1) × one adapter's bytes more per
+step, at the read bandwidth measured by torch.mv. Writes bench/results/infer-<device>.{json,md}.
 
     OMP_NUM_THREADS=1 python bench/bench_infer.py --threads 1
 """
@@ -31,6 +33,7 @@ import platform
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -41,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from lora import LoRAConfig, apply_lora, load_adapter, merge_lora, save_adapter  # noqa: E402
 from lora.inference.generate import generate  # noqa: E402
-from lora.serving import load_adapters  # noqa: E402
+from lora.serving import MultiLoRALinear, load_adapters  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -169,6 +172,31 @@ def paired(num: list[float], den: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(num, den))
 
 
+def read_bandwidth(device: str) -> float:
+    """Bytes per second that a matrix-vector product streams from memory: torch.mv over a 256 MiB float32
+    matrix (beyond any cache), median of 7."""
+    W = torch.randn(8192, 8192, device=device)
+    v = torch.randn(8192, device=device)
+    times = []
+    for _ in range(8):
+        sync(device)
+        t0 = time.perf_counter()
+        torch.mv(W, v)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return W.nbytes / statistics.median(times[1:])
+
+
+def streaming_ceiling(ours, args, one_adapter_ms: float, bandwidth: float) -> dict:
+    """How far K distinct adapters can come to one adapter's throughput when a decode step must read
+    each adapter the batch names once: K adapters read (K − 1) × one adapter's bytes more than one
+    does, which at `bandwidth` costs at least that much time a step. {K: one-adapter step ÷ (that step
+    + the extra reads)}, and one adapter's bytes."""
+    one = sum(m.lora_A[0].nbytes + m.lora_Bt[0].nbytes for m in ours.modules() if isinstance(m, MultiLoRALinear))
+    ceiling = {K: one_adapter_ms / (one_adapter_ms + 1000 * (K - 1) * one / bandwidth) for K in args.adapters}
+    return dict(adapter_bytes=one, read_bandwidth=bandwidth, ceiling=ceiling)
+
+
 def summarize(results, floor, B, args, part, same_as):
     """Rows of the table; `same_as(name)`: the provider whose tokens `name` must equal, or None."""
     rows = []
@@ -194,7 +222,7 @@ def main(argv=None):
     base_state = LlamaForCausalLM(llama_config(args)).state_dict()
     n_adapters = max(args.adapters) if args.serve_batch else 1
     g = torch.Generator().manual_seed(1)
-    rows = []
+    rows, ceiling = [], None
     with tempfile.TemporaryDirectory() as tmp:
         models = Models(args, base_state, save_adapters(args, base_state, n_adapters, Path(tmp)))
         merged, one = models.merged(), models.one_adapter()
@@ -224,11 +252,13 @@ def main(argv=None):
                 r["throughput_over_one_adapter"] = paired(res["one-adapter"][1], res[r["provider"]][1])
                 if r["provider"].startswith("ours-") and "peft-" + r["provider"][5:] in res:
                     r["peft_time_over_ours"] = paired(res["peft-" + r["provider"][5:]][1], res[r["provider"]][1])
-    write(args, rows)
+            one_ms = next(r["decode_ms_per_step"] for r in rows if r["provider"] == "one-adapter")
+            ceiling = streaming_ceiling(ours, args, one_ms, read_bandwidth(args.device))
+    write(args, rows, ceiling)
     return 0
 
 
-def write(args, rows):
+def write(args, rows, ceiling=None):
     device = (torch.cuda.get_device_name() if args.device.startswith("cuda")
               else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
     md = [f"Decode, {device}, {args.dtype}, torch {torch.__version__}: Llama {args.layers} layers, hidden "
@@ -249,12 +279,20 @@ def write(args, rows):
                   f"{r['ratio']:.3f} ({r['ratio_min']:.3f}–{r['ratio_max']:.3f}) |  | ")
         md[-1] += (f"{r['peft_time_over_ours']:.2f} | " if "peft_time_over_ours" in r else " | ")
         md[-1] += f"{'' if r['same_tokens'] is None else r['same_tokens']} |"
+    if ceiling:
+        ks = sorted(ceiling["ceiling"])
+        md += ["", f"Weight streaming: one adapter's tensors are {ceiling['adapter_bytes'] / 2**20:.2f} MiB; a batch "
+               f"naming K distinct adapters reads (K − 1) × that more per decode step than one adapter does. At the "
+               f"read bandwidth of torch.mv over a 256 MiB matrix here ({ceiling['read_bandwidth'] / 2**30:.1f} GiB/s), "
+               "and with those reads not overlapping the step's other work, K adapters' throughput ÷ one "
+               "adapter's is at most "
+               + ", ".join(f"{ceiling['ceiling'][k]:.3f} (K = {k})" for k in ks) + "."]
     text = "\n".join(md)
     print(text)
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"infer-{torch.device(args.device).type}"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(dict(device=device, torch=torch.__version__, args=vars(args),
-                                                        rows=rows), indent=2) + "\n")
+                                                        rows=rows, streaming=ceiling), indent=2) + "\n")
     out.with_suffix(".md").write_text(text + "\n")
 
 

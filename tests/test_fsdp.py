@@ -54,6 +54,21 @@ def finished(proc) -> str:
     return err
 
 
+def interrupt(args, out: Path, how) -> str:
+    """train.py under torchrun into `out`, stopped by `how(proc)` once its first checkpoint (step 4) is
+    written; returns its stderr."""
+    proc = torchrun(args)
+    first = out / "checkpoints" / "step-4" / "state.json"
+    deadline = time.time() + 120
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    how(proc)
+    _, err = proc.communicate(timeout=120)
+    assert first.exists() and proc.returncode != 0, err[-3000:]
+    assert not (out / "adapter").exists(), "the run finished before the signal; raise --max-steps"
+    return err
+
+
 def base_bytes(model_dir: Path) -> int:
     return sum(e.nbytes for s in read_checkpoint(model_dir)[0] for e in s.entries)
 
@@ -106,15 +121,7 @@ def test_fsdp_resume_after_sigkill_or_sigterm_is_bit_identical(tiny, tmp_path, c
     # One torchrun at a time: agents started together may pick the same free port for their workers.
     for name, how in (("killed", kill_with_workers),
                       ("stopped", lambda p: p.send_signal(signal.SIGTERM))):
-        proc = torchrun(args(tmp_path / name))
-        first = tmp_path / name / "checkpoints" / "step-4" / "state.json"
-        deadline = time.time() + 120
-        while not first.exists() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.01)
-        how(proc)
-        _, err = proc.communicate(timeout=120)
-        assert first.exists() and proc.returncode != 0, err[-3000:]
-        assert not (tmp_path / name / "adapter").exists(), "the run finished before the signal; raise --max-steps"
+        err = interrupt(args(tmp_path / name), tmp_path / name, how)
     kept = [line for line in err.splitlines() if line.startswith("interrupted: checkpoint ")]
     assert len(kept) == 2 and kept[0] == kept[1], err[-3000:]        # both ranks stopped at one step
     losses = lambda out: [(r["step"], r["loss"]) for r in metrics(out)]
@@ -128,6 +135,52 @@ def test_fsdp_resume_after_sigkill_or_sigterm_is_bit_identical(tiny, tmp_path, c
     assert train_cli.main(args(tmp_path / "killed") + ["--device", "cpu", "--resume", "--fsdp"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --resume:") and "(world_size: 2 there, 1 now)" in err[0]
+
+
+def _gathered_worker(rank: int, world: int, port: int, out: str) -> None:
+    """One rank of test_gathered_embedding_and_head: its rows of random weights, the whole results."""
+    import torch.distributed as dist
+    import torch.nn as nn
+    from lora.training.gathered import RowShardedEmbedding, RowShardedHead
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo")
+    results = {}
+    for V in (7, 2):                                    # rows split 3, 3, 1 and 1, 1, 0
+        torch.manual_seed(V)                            # the same whole weights, inputs and grads on every rank
+        W, E = torch.randn(V, 13), torch.randn(V, 13)
+        h, dY, ids = torch.randn(2, 5, 13, requires_grad=True), torch.randn(2, 5, V), torch.randint(0, V, (2, 5))
+        head, emb = RowShardedHead(nn.Linear(13, V, bias=False)), RowShardedEmbedding(nn.Embedding(V, 13))
+        with torch.no_grad():
+            head.weight.copy_(W[head.first_row:head.first_row + head.weight.shape[0]])
+            emb.weight.copy_(E[emb.first_row:emb.first_row + emb.weight.shape[0]])
+        logits = head(h)
+        logits.backward(dY)
+        results[V] = dict(rows=head.weight.shape[0], logits=logits.detach(), dh=h.grad, emb=emb(ids), W=W, E=E,
+                          h=h.detach(), dY=dY, ids=ids)
+    torch.save(results, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_gathered_embedding_and_head_are_the_whole_ones(tmp_path):
+    """3 gloo ranks, vocabularies of 7 and 2 rows (a rank holding 1 row, and none): the row-sharded head's
+    logits and dh = dlogits W, and the embedding's lookup, equal nn.Linear's autograd and F.embedding on
+    the whole weights bit for bit, on every rank."""
+    import socket
+    import torch.multiprocessing as mp
+    import torch.nn.functional as F
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_gathered_worker, args=(3, port, str(tmp_path)), nprocs=3)
+    for rank in range(3):
+        res = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert [res[V]["rows"] for V in (7, 2)] == [[3, 3, 1][rank], [1, 1, 0][rank]]
+        for V, r in res.items():
+            h = r["h"].clone().requires_grad_()
+            logits = F.linear(h, r["W"])
+            logits.backward(r["dY"])
+            assert torch.equal(r["logits"], logits) and torch.equal(r["dh"], h.grad)
+            assert torch.equal(r["emb"], F.embedding(r["ids"], r["E"]))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -253,6 +306,21 @@ def test_fsdp_quantize_nf4_matches_one_process(base, tiny, tmp_path):
     assert all(packed == whole_packed // 2 and 0.45 * whole <= held <= 0.55 * whole
                for held, whole, _, packed, whole_packed in shares.values())
     assert sum(read for _, _, read, _, _ in shares.values()) == base_bytes(base)
+
+
+def test_fsdp_quantize_nf4_resume_after_sigkill_is_bit_identical(base, tiny, tmp_path):
+    """--fsdp --quantize nf4: SIGKILL to torchrun and both workers after the first checkpoint, then
+    --resume (each rank quantizing its blocks again): the adapter and every step's loss of an
+    uninterrupted run, bit for bit."""
+    args = lambda out: nf4_args(base, tiny, out, "--quantize", "nf4", "--batch-size", 4, "--max-steps", 40,
+                                "--save-every", 4, "--lora-dropout", 0.1)
+    finished(torchrun(args(tmp_path / "ref")))
+    interrupt(args(tmp_path / "killed"), tmp_path / "killed", kill_with_workers)
+    assert "resuming from" in finished(torchrun(args(tmp_path / "killed") + ["--resume"]))
+    want, got = adapter(tmp_path / "ref" / "adapter"), adapter(tmp_path / "killed" / "adapter")
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    losses = lambda out: [(r["step"], r["loss"]) for r in metrics(out)]
+    assert losses(tmp_path / "killed") == losses(tmp_path / "ref") and len(losses(tmp_path / "ref")) == 40
 
 
 def test_fsdp_over_a_bitsandbytes_checkpoint_is_data_parallel_bit_for_bit(bnb_dir, tiny, tmp_path):

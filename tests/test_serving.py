@@ -19,6 +19,11 @@ from lora.demo.tokenizer import save_char_tokenizer
 from lora.inference.complete import complete
 from lora.inference.load import load_for_generation
 from lora.serving import MultiLoRALinear, adapter_names, adapter_rows, load_adapters
+from lora.serving import layer as serving_layer, rows as serving_rows
+from lora.serving.grouped import batched_lora_
+from lora.serving.rows import RowIndex, ServingState
+from lora.quant.nf4 import NF4Weight
+from lora.storage.model_dir import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -95,18 +100,26 @@ def batch(n=len(ROWS), seed=3):
     return prompts, *left_pad(prompts, 0)
 
 
-@pytest.mark.parametrize("graph_safe", [False, True])
-def test_every_row_is_its_adapter_alone(saved, graph_safe):
+@pytest.mark.parametrize("form", ["grouped", "batched", "masked"])
+def test_every_row_is_its_adapter_alone(saved, form, monkeypatch):
     """Each row's logits equal its adapter's model (fp32, same batch) and a float64 run of it; base rows
-    are the base's bit for bit, on the grouped path and on the masked (static-shape) path."""
+    are the base's bit for bit, on the grouped, the batched and the masked (static-shape) path."""
+    graph_safe = form == "masked"
     prompts, ids, mask = batch()
     model = mixed(saved)
+    calls = []
+    monkeypatch.setattr(serving_layer, "batched_lora_", lambda *a: calls.append(1) or batched_lora_(*a))
+    if form == "grouped":
+        monkeypatch.setattr(serving_rows, "MAX_PADDING", 0.0)
     backend.set_graph_safe(graph_safe)
     try:
         with adapter_rows(model, ROWS):
             got = forward(model, ids, mask)
     finally:
         backend.set_graph_safe(False)
+    # Modules holding two of the batch's adapters: q_proj, v_proj and down_proj of both layers (all7, qvd),
+    # k_proj, o_proj and up_proj of layer 1 (all7, late): 9 batched calls
+    assert len(calls) == (9 if form == "batched" else 0)
     for name in set(ROWS):
         rows = [i for i, r in enumerate(ROWS) if r == name]
         want = forward(alone(saved, name), ids, mask)[rows]
@@ -119,6 +132,25 @@ def test_every_row_is_its_adapter_alone(saved, graph_safe):
         assert (got[rows].double() - ref).abs().max() <= tol, name
         assert (got[rows] - want).abs().max() <= tol, name
     assert not torch.allclose(got[0], forward(alone(saved, None), ids, mask)[0], atol=1e-2)   # adapters act
+
+
+def test_mixed_batch_over_an_nf4_base(saved):
+    """Over a 4-bit base (--quantize nf4): each row gives its adapter alone on the same 4-bit base, rows
+    with no adapter the 4-bit base bit for bit."""
+    root, _ = saved
+    prompts, ids, mask = batch()
+    nf4 = lambda: load_model(root / "base", torch.float32, quantize="nf4").eval()
+    model = load_adapters(nf4(), {n: root / n for n in ADAPTERS})
+    assert isinstance(model.model.layers[0].self_attn.q_proj.weight, NF4Weight)
+    with adapter_rows(model, ROWS):
+        got = forward(model, ids, mask)
+    for name in set(ROWS):
+        rows = [i for i, r in enumerate(ROWS) if r == name]
+        want = forward(nf4() if name is None else load_adapter(nf4(), root / name), ids, mask)[rows]
+        if name is None:
+            assert torch.equal(got[rows], want)
+        else:
+            assert (got[rows] - want).abs().max() <= 1e-5 * want.abs().max(), name
 
 
 def test_greedy_tokens_with_left_padding_and_eos(saved):
@@ -162,6 +194,57 @@ def test_stacks_pad_ranks_and_mark_untargeted_modules(saved):
     k1 = layers["model.layers.1.self_attn.k_proj"]
     assert k1.present == [True, False, True] and k1.scalings[2] == pytest.approx(5 / 3)
     assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_batched_plans():
+    """Which rows the batched form gathers and adds back, and where it leaves the batch to the grouped form."""
+    every = (True,) * 4
+    plan = RowIndex(torch.tensor([0, 1, 2, 3]), 4).batched(4, torch.device("cpu"), every)
+    assert (plan.ks, plan.adapters, plan.G, plan.R) == ((0, 1, 2, 3), slice(0, 4), 4, 1)
+    assert plan.gather is None and plan.rows is None and plan.slots is None          # x and y as they are
+    plan = RowIndex(torch.tensor([2, 0, -1, 2, 0]), 4).batched(10, torch.device("cpu"), every)   # T = 2
+    assert plan.ks == (0, 2) and plan.adapters.tolist() == [0, 2] and plan.R == 4
+    assert plan.gather.tolist() == [2, 3, 8, 9, 0, 1, 6, 7] == plan.rows.tolist() and plan.slots is None
+    plan = RowIndex(torch.tensor([1, 1, 1, 2]), 4).batched(4, torch.device("cpu"), every)
+    assert plan.adapters == slice(1, 3) and plan.R == 3
+    assert plan.gather.tolist() == [0, 1, 2, 3, 3, 3] and plan.slots.tolist() == [0, 1, 2, 3]
+    assert plan.rows.tolist() == [0, 1, 2, 3]
+    assert RowIndex(torch.tensor([0, 0, 0, 0, 0, 1]), 4).batched(6, torch.device("cpu"), every) is None
+    assert RowIndex(torch.tensor([0, 1, 1]), 4).batched(3, torch.device("cpu"), (True, False, True, True)) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batched_form_matches_float64(dtype):
+    """MultiLoRALinear's batched form (ranks 5, 2 and 7 padded to 7, the stacks in float32, x in `dtype`)
+    against each row's LoRA term in float64; rows without an adapter, and rows of an adapter the module
+    does not hold, are the base bit for bit."""
+    torch.manual_seed(5)
+    n, r_max, inp, out, B, T = 4, 7, 45, 29, 9, 3
+    ranks, scalings, present = [5, 2, 7, 0], [1.5, 0.75, 2.0, 1.0], [True, True, True, False]
+    A, Bt = torch.randn(n, r_max, inp), torch.randn(n, r_max, out)
+    for k, r in enumerate(ranks):
+        A[k, r:], Bt[k, r:] = 0, 0
+    base = nn.Linear(inp, out).to(dtype)
+    state = ServingState([f"a{k}" for k in range(n)])
+    layer = MultiLoRALinear(base, A, Bt, ranks, scalings, present, state)
+    ids = torch.tensor([2, 0, -1, 1, 2, 3, 0, 2, 1])
+    x = torch.randn(B, T, inp).to(dtype)
+    state.current = RowIndex(ids, n, state)
+    calls = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(serving_layer, "batched_lora_", lambda *a: calls.append(1) or batched_lora_(*a))
+        with torch.no_grad():
+            got = layer(x)
+    assert calls
+    base_out = base(x)
+    x64 = x.double()
+    for b, k in enumerate(ids.tolist()):
+        if k < 0 or not present[k]:
+            assert torch.equal(got[b], base_out[b])
+            continue
+        want = base_out[b].double() + scalings[k] * (x64[b] @ A[k].double().t()) @ Bt[k].double()
+        tol = (1e-5 if dtype == torch.float32 else 2e-2) * want.abs().max()
+        assert (got[b].double() - want).abs().max() <= tol
 
 
 def test_bad_input_is_one_line_and_changes_nothing(saved):

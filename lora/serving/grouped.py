@@ -10,6 +10,16 @@ reads x and writes y through views instead, with `addmm_` as the single-adapter 
 no adapter, or whose adapter does not target this module, is never written: it keeps the base's
 output bit for bit.
 
+Batched (CPU, CUDA without Triton, when a batch holds several adapters): one shrink and one expand
+for all of them, as two batched GEMMs over the stacks,
+
+    S = X_g A_gᵀ · s_g    (G, R, r)        X_g: (G, R, in), adapter g's rows padded to R (lora/serving/rows.py)
+    y[rows] += S B_gᵀ     (G, R, out)      padding slots dropped
+
+the stacks read as views when the batch's adapters are a run of them. A batch of one row per adapter
+costs four calls per module instead of two per adapter; the products are the grouped form's but
+with the ranks padded to the largest among the batch's adapters (zeros, which add nothing).
+
 Masked (graph capture, HPU: shapes must not depend on the data): every adapter's shrink and expand
 run over all M rows, S multiplied by a 0/1 row mask first. The index is data, not shape: one graph
 serves every mix of adapters, at n times the (small) adapter FLOPs.
@@ -43,3 +53,17 @@ def masked_lora_(y: torch.Tensor, x: torch.Tensor, adapters, masks) -> None:
             continue
         A, Bt, s = ad
         y.addmm_(torch.mm(x, A.t()).mul_(mask), Bt, alpha=s)
+
+
+def batched_lora_(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, s: torch.Tensor,
+                  plan) -> None:
+    """y (M, out) += every row's LoRA term, the batch's G adapters in one batched shrink and expand.
+    A: (G, r, in), Bt: (G, r, out), s: (G, 1, 1), in x's dtype, r the largest rank among them;
+    plan: lora.serving.rows.Batched (which rows, padded to R per adapter)."""
+    X = (x if plan.gather is None else x.index_select(0, plan.gather)).view(plan.G, plan.R, -1)
+    S = torch.bmm(X, A.transpose(1, 2)).mul_(s)                                # (G, R, r) shrink, scaled
+    if plan.rows is None:                                                      # every slot is row i: y in place
+        y.view(plan.G, plan.R, -1).baddbmm_(S, Bt)
+        return
+    Y = torch.bmm(S, Bt).view(plan.G * plan.R, -1)                             # (G·R, out) expand
+    y.index_add_(0, plan.rows, Y if plan.slots is None else Y.index_select(0, plan.slots))

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from ..core import backend
 from ..quant.linear import base_linear
-from .grouped import grouped_lora_, masked_lora_
+from .grouped import batched_lora_, grouped_lora_, masked_lora_
 
 
 class MultiLoRALinear(nn.Module):
@@ -36,6 +36,8 @@ class MultiLoRALinear(nn.Module):
         self.ranks, self.scalings, self.present = list(ranks), list(scalings), list(present)
         self.state = state                                # ServingState, shared with the model
         self._views = self._adapter_views()
+        self._present = tuple(self.present)
+        self._batched: dict = {}                          # (adapters, dtype) → views for the batched form
 
     def _adapter_views(self):
         """Per adapter (A_k (r_k, in), B_kᵀ (r_k, out), s_k) as views of the stacks, or None."""
@@ -45,6 +47,7 @@ class MultiLoRALinear(nn.Module):
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
         self._views = self._adapter_views()              # the stacks may be new tensors now
+        self._batched = {}
         return out
 
     def _triton_(self, y2: torch.Tensor, x2: torch.Tensor, index) -> None:
@@ -75,13 +78,36 @@ class MultiLoRALinear(nn.Module):
         if index is None or not index.active:
             return y
         x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])       # (M, in), (M, out)
-        views = self._views
-        if self.lora_A.dtype != x.dtype:            # as the single-adapter path: in x's dtype
-            views = [None if v is None else (v[0].to(x.dtype), v[1].to(x.dtype), v[2]) for v in views]
         if backend.uses_triton(x):
             self._triton_(y2, x2, index)
         elif backend._GRAPH_SAFE:
-            masked_lora_(y2, x2, views, index.masks(x2.shape[0], x.device, x.dtype))
+            masked_lora_(y2, x2, self._views_in(x.dtype), index.masks(x2.shape[0], x.device, x.dtype))
         else:
-            grouped_lora_(y2, x2, views, index.groups(x2.shape[0], x.device))
+            plan = index.batched(x2.shape[0], x.device, self._present)
+            if plan is None:
+                grouped_lora_(y2, x2, self._views_in(x.dtype), index.groups(x2.shape[0], x.device))
+            else:
+                batched_lora_(y2, x2, *self._batch_stacks(plan, x.dtype), plan)
         return y
+
+    def _views_in(self, dtype: torch.dtype):
+        """The per-adapter views, cast to `dtype` as the single-adapter path casts (per call) if need be."""
+        if self.lora_A.dtype == dtype:
+            return self._views
+        return [None if v is None else (v[0].to(dtype), v[1].to(dtype), v[2]) for v in self._views]
+
+    def _batch_stacks(self, plan, dtype: torch.dtype):
+        """(A (G, r, in), Bᵀ (G, r, out), s (G, 1, 1)) of the plan's adapters in `dtype`, r the largest of
+        their ranks: views of the stacks for a run of adapters (cached per plan), else gathered."""
+        key = (plan.ks, dtype)
+        got = self._batched.get(key)
+        if got is None:
+            r = max(self.ranks[k] for k in plan.ks)
+            k = plan.adapters
+            s = torch.tensor([self.scalings[i] for i in plan.ks], dtype=dtype, device=self.lora_A.device)
+            got = (self.lora_A[k, :r].to(dtype), self.lora_Bt[k, :r].to(dtype), s.view(-1, 1, 1))
+            if self.lora_A.dtype != dtype or not isinstance(k, slice):
+                return got                              # a gathered or cast copy: not kept
+            self._batched[key] = got
+        return got
+

@@ -10,10 +10,35 @@ projection of the forward and by every decode step of a generation (T = 1 each t
 from __future__ import annotations
 
 import contextlib
+from typing import NamedTuple
 
 import torch
 
 from ..errors import LoRAError
+
+# The batched form (lora/serving/grouped.py, `batched_lora_`) pads every group to the largest; it is used
+# when that computes at most this many rows per row that has an adapter.
+MAX_PADDING = 1.5
+
+
+class Batched(NamedTuple):
+    """One batched shrink and expand over the G adapters of a batch that a module holds, each group
+    padded to R token rows (`RowIndex.batched`).
+
+    ks:       the adapters, in group order
+    adapters: slice (a run k0..k0+G-1 of the stacks: views) or (G,) LongTensor (gathered)
+    gather:   (G·R,) token rows of x in group order, a padding slot repeating its group's last row; None
+              when that order is every row in order (x read as it is)
+    rows:     (G·R,) or (n,) token rows of y the results are added to; None when every slot is row i
+    slots:    (n,) the slots that are real rows (not padding); None when none is padding
+    """
+    ks: tuple[int, ...]
+    adapters: slice | torch.Tensor
+    G: int
+    R: int
+    gather: torch.Tensor | None
+    rows: torch.Tensor | None
+    slots: torch.Tensor | None
 
 
 class ServingState:
@@ -73,6 +98,38 @@ class RowIndex:
                     out.append((k, rows.to(device)))
             self._groups[key] = out
         return self._groups[key]
+
+    def batched(self, M: int, device: torch.device, present: tuple[bool, ...]) -> Batched | None:
+        """The batched form's plan for the adapters of this batch that a module holds (`present[k]`),
+        or None where the grouped form is the better one: fewer than 2 such adapters, or padding the
+        groups to one size would compute more than MAX_PADDING times their rows. Cached per (M,
+        device, present): every projection with the same targets shares it."""
+        key = ("batched", M, device, present)
+        if key not in self._groups:
+            self._groups[key] = self._batched_plan(M, device, present)
+        return self._groups[key]
+
+    def _batched_plan(self, M: int, device: torch.device, present: tuple[bool, ...]) -> Batched | None:
+        T = self.token_rows(M)
+        ks = [k for k in sorted(set(self.ids.tolist()) - {-1}) if present[k]]
+        if len(ks) < 2:
+            return None
+        members = [torch.nonzero(self.ids == k).squeeze(1) for k in ks]          # batch rows per adapter
+        G, R = len(ks), max(m.numel() for m in members) * T
+        n_rows = sum(m.numel() for m in members) * T
+        if G * R > MAX_PADDING * n_rows:
+            return None
+        token = [(m[:, None] * T + torch.arange(T)).reshape(-1) for m in members]          # (B_k · T,) each
+        gather = torch.cat([torch.cat([t, t[-1:].expand(R - t.numel())]) for t in token])  # (G·R,)
+        real = torch.cat([torch.arange(R) < t.numel() for t in token])                     # (G·R,) bool
+        padded = not bool(real.all())
+        rows = gather[real] if padded else gather
+        slots = torch.nonzero(real).squeeze(1) if padded else None
+        in_order = not padded and torch.equal(gather, torch.arange(M))
+        run = ks == list(range(ks[0], ks[0] + G))
+        on = lambda t: None if t is None else t.to(device)
+        return Batched(tuple(ks), slice(ks[0], ks[0] + G) if run else torch.tensor(ks, device=device), G, R,
+                       None if in_order else on(gather), None if in_order else on(rows), on(slots))
 
     def token_ids(self, M: int, device: torch.device) -> torch.Tensor:
         """(M,) int32: the adapter of each token row, -1 for none (the Triton kernels' per-row index)."""

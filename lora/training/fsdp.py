@@ -6,15 +6,17 @@ replicated.
     load_sharded_base_with_lora(cfg, ...)   the model with its adapter: built on the meta device, its
                                             units `fully_shard`-ed (shard_units), each rank reading from
                                             the safetensors files only the rows (or NF4 blocks) it keeps
-    shard_units(model, mesh, adapter, dev)  the units: each decoder layer's attention, MLP and norms, an
-                                            untied embedding and head, the root
+    shard_units(model, mesh, ignored, dev)  the units: each decoder layer's attention, MLP and norms, the
+                                            root; an untied embedding and head are row-sharded outside
+                                            FSDP2 and gathered once when used (lora/training/gathered.py)
 
 What is sharded: every base parameter, on dim 0 over a 1-D mesh of all the processes (a rank keeps
 rows [rank·⌈n/N⌉, (rank+1)·⌈n/N⌉) of an n-row tensor, torch.chunk's split). A 4-bit base's Linears are
 ShardedNF4Weights (lora/quant/sharded.py): packed bytes (n_blocks, 32) and float32 scales (n_blocks,),
 one row per quantization block, so a rank keeps whole blocks. Each unit's weights are all-gathered for
 its forward and again for its backward, and freed after each: a rank holds its shard plus one unit
-whole (docs/fsdp.md has what that costs, measured).
+whole (twice during FSDP2's copy-out; the embedding and head, gathered by lora/training/gathered.py,
+once); docs/fsdp.md has what that costs, measured.
 
 What stays replicated: the adapter (`ignored_params`). It is ~0.1–1% of the base, so sharding it saves
 little memory and would make it DTensors; replicated, the loop is the data-parallel one unchanged: one
@@ -27,6 +29,7 @@ computes what the same run without it computes (docs/fsdp.md).
 """
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -46,6 +49,7 @@ from ..storage.safetensors_stream import read_checkpoint
 from ..storage.sharded_load import read_elements, read_nf4_blocks, read_rows
 from . import distributed
 from .config import TrainConfig
+from .gathered import RowShardedEmbedding, RowShardedHead
 
 
 def sharded(cfg: TrainConfig) -> bool:
@@ -82,25 +86,33 @@ def load_sharded_base_with_lora(cfg: TrainConfig, device: Device, dtype: torch.d
         weight = ShardedNF4Weight(linear.weight.shape, weight_dtype, block_size, device="meta")   # as load_quantized
         model.set_submodule(name, NF4Linear(weight, linear.bias))
     apply_lora(model, cfg.lora)
+    if not model.config.tie_word_embeddings:             # a tied pair is one parameter: it stays in the root's
+        model.model.embed_tokens = RowShardedEmbedding(model.model.embed_tokens)
+        model.lm_head = RowShardedHead(model.lm_head)
+    gathered = [m for m in model.modules() if isinstance(m, (RowShardedEmbedding, RowShardedHead))]
     adapter = {p for layer in lora_layers(model).values() for p in (layer.lora_A, layer.lora_B)}
     # The CPU mesh is named explicitly: gloo on a machine with GPUs would otherwise move the model there.
     mesh = init_device_mesh(device.name, (world,))
-    shard_units(model, mesh, adapter, device)
+    shard_units(model, mesh, adapter | {m.weight for m in gathered}, device)
     model.to_empty(device=device.torch_device)
     rebuild_rotary(model, device)
+    gathered = {id(m.weight): m for m in gathered}       # (to_empty made new parameters)
 
     quantized = {m: name for name, m in model.named_modules() if isinstance(m, ShardedNF4Weight)}
     base = {name: p for name, p in model.named_parameters() if not p.requires_grad}
-    first = lambda p: min(rank * -(-p.shape[0] // world), p.shape[0])       # torch.chunk's split, as FSDP2's
-    dense = {name: (first(p), p.to_local()) for name, p in base.items()
+    local = lambda p: p if id(p) in gathered else p.to_local()
+    first = lambda p: (gathered[id(p)].first_row if id(p) in gathered       # torch.chunk's split, as FSDP2's
+                       else min(rank * -(-p.shape[0] // world), p.shape[0]))
+    dense = {name: (first(p), local(p)) for name, p in base.items()
              if name.rpartition(".")[0] not in quantized.values()}
     with torch.no_grad():
         read = read_rows(cfg.model, dense)
         for weight, name in quantized.items():
             weight.reset_quant_map()
             read += load_nf4_blocks(cfg, name, weight, first(weight.packed), nf4[name.rpartition(".")[0]], device)
-    held = sum(p.to_local().nbytes for p in base.values())
-    total = sum(p.numel() * p.element_size() for p in base.values())
+    held = sum(local(p).nbytes for p in base.values())
+    total = sum((gathered[id(p)].n_rows * math.prod(p.shape[1:]) if id(p) in gathered else p.numel())
+                * p.element_size() for p in base.values())
     packed = [(w.packed.to_local().nbytes, w.packed.numel()) for w in quantized]
     nf4_note = (f", NF4 packed {sum(h for h, _ in packed):,d} of {sum(t for _, t in packed):,d} bytes"
                 if packed else "")
@@ -113,22 +125,21 @@ def load_sharded_base_with_lora(cfg: TrainConfig, device: Device, dtype: torch.d
     return model
 
 
-def shard_units(model: nn.Module, mesh, adapter: set, device: Device) -> None:
+def shard_units(model: nn.Module, mesh, ignored: set, device: Device) -> None:
     """`fully_shard` bottom-up: in each decoder layer the attention and the MLP a unit each (the
     grouped LoRA ops, q/k/v and gate/up, stay inside one unit; lora/core/group.py), the layer (its two
-    norms) one, an untied embedding and head one each, then the root (the final norm, or a tied
-    embedding and head). On the CPU a rank holds one unit whole at a time: FSDP2's backward prefetch
+    norms) one, then the root (the final norm, or a tied embedding and head). `ignored`: the adapter,
+    replicated, and an untied embedding and head, which are row-sharded and gathered by
+    lora/training/gathered.py instead (held once when whole, not twice as FSDP2's copy-out holds them). On the CPU a rank holds one unit whole at a time: FSDP2's backward prefetch
     (the next unit gathered while this one computes) is off, and the all-gather writes into FSDP2's
     output in place (InPlaceAllGather), which is freed right after its copy-out (docs/fsdp.md has what
     each of these saves, measured). On CUDA FSDP2's defaults stay: they overlap the gathers with compute."""
     from torch.distributed.fsdp import fully_shard
-    shard = lambda unit, **kw: fully_shard(unit, mesh=mesh, ignored_params=adapter, **kw)
+    shard = lambda unit, **kw: fully_shard(unit, mesh=mesh, ignored_params=ignored, **kw)
     units = []
     for layer in model.model.layers:
         units += [shard(m) for m in (getattr(layer, "self_attn", None), getattr(layer, "mlp", None)) if m is not None]
         units.append(shard(layer))
-    if not model.config.tie_word_embeddings:             # a tied pair is one parameter: it stays in the root's
-        units += [shard(model.model.embed_tokens), shard(model.lm_head)]
     # The root too is resharded after its forward (FSDP2 keeps a root's weights whole by default).
     units.append(shard(model, reshard_after_forward=True))
     if device.name == "cpu":                   # gloo on the cores that compute: nothing to overlap
