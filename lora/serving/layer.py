@@ -110,4 +110,3 @@ class MultiLoRALinear(nn.Module):
                 return got                              # a gathered or cast copy: not kept
             self._batched[key] = got
         return got
-

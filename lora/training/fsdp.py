@@ -87,8 +87,11 @@ def load_sharded_base_with_lora(cfg: TrainConfig, device: Device, dtype: torch.d
         model.set_submodule(name, NF4Linear(weight, linear.bias))
     apply_lora(model, cfg.lora)
     if not model.config.tie_word_embeddings:             # a tied pair is one parameter: it stays in the root's
-        model.model.embed_tokens = RowShardedEmbedding(model.model.embed_tokens)
-        model.lm_head = RowShardedHead(model.lm_head)
+        emb, head = model.model.embed_tokens, model.lm_head
+        if type(emb) is nn.Embedding and emb.max_norm is None:
+            model.model.embed_tokens = RowShardedEmbedding(emb)
+        if type(head) is nn.Linear and head.bias is None:
+            model.lm_head = RowShardedHead(head)
     gathered = [m for m in model.modules() if isinstance(m, (RowShardedEmbedding, RowShardedHead))]
     adapter = {p for layer in lora_layers(model).values() for p in (layer.lora_A, layer.lora_B)}
     # The CPU mesh is named explicitly: gloo on a machine with GPUs would otherwise move the model there.
@@ -128,18 +131,22 @@ def load_sharded_base_with_lora(cfg: TrainConfig, device: Device, dtype: torch.d
 def shard_units(model: nn.Module, mesh, ignored: set, device: Device) -> None:
     """`fully_shard` bottom-up: in each decoder layer the attention and the MLP a unit each (the
     grouped LoRA ops, q/k/v and gate/up, stay inside one unit; lora/core/group.py), the layer (its two
-    norms) one, then the root (the final norm, or a tied embedding and head). `ignored`: the adapter,
-    replicated, and an untied embedding and head, which are row-sharded and gathered by
-    lora/training/gathered.py instead (held once when whole, not twice as FSDP2's copy-out holds them). On the CPU a rank holds one unit whole at a time: FSDP2's backward prefetch
-    (the next unit gathered while this one computes) is off, and the all-gather writes into FSDP2's
-    output in place (InPlaceAllGather), which is freed right after its copy-out (docs/fsdp.md has what
-    each of these saves, measured). On CUDA FSDP2's defaults stay: they overlap the gathers with compute."""
+    norms) one, an untied embedding and head one each unless lora/training/gathered.py row-shards them
+    (then they are in `ignored`, with the replicated adapter: held once when whole, not twice as
+    FSDP2's copy-out holds a unit), then the root (the final norm, or a tied embedding and head). On
+    the CPU a rank holds one unit whole at a time: FSDP2's backward prefetch (the next unit gathered
+    while this one computes) is off, and the all-gather writes into FSDP2's output in place
+    (InPlaceAllGather), which is freed right after its copy-out (docs/fsdp.md has what each of these
+    saves, measured). On CUDA FSDP2's defaults stay: they overlap the gathers with compute."""
     from torch.distributed.fsdp import fully_shard
     shard = lambda unit, **kw: fully_shard(unit, mesh=mesh, ignored_params=ignored, **kw)
     units = []
     for layer in model.model.layers:
         units += [shard(m) for m in (getattr(layer, "self_attn", None), getattr(layer, "mlp", None)) if m is not None]
         units.append(shard(layer))
+    if not model.config.tie_word_embeddings:             # a tied pair is one parameter: it stays in the root's
+        units += [shard(m) for m in (model.model.embed_tokens, model.lm_head)
+                  if not isinstance(m, (RowShardedEmbedding, RowShardedHead))]
     # The root too is resharded after its forward (FSDP2 keeps a root's weights whole by default).
     units.append(shard(model, reshard_after_forward=True))
     if device.name == "cpu":                   # gloo on the cores that compute: nothing to overlap
