@@ -4,6 +4,7 @@ alternating steps of two providers of bench_train.py, on the same model and batc
     python bench/profile_train.py                         # floor vs ours, the default CPU config
     python bench/profile_train.py --dropout 0.05 --rounds 6
     python bench/profile_train.py --providers floor,peft --layers 2
+    python bench/profile_train.py --by-shape              # the GEMMs by operand shapes, too
 
 Prints, per aten op (self time, per step): the first provider's time, the second's, the difference,
 and the call counts, largest differences first; then each provider's wall time per step and the
@@ -40,6 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--seq", type=int, default=256, help="tokens per sequence (default 256)")
     p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (default 0)")
     p.add_argument("--no-keep-freed-memory", action="store_true", help="glibc's defaults instead of lora.runtime.malloc")
+    p.add_argument("--by-shape", action="store_true",
+                   help="also list the GEMMs (mm, addmm, addmm_) by operand shapes, per step, for both providers")
     args = p.parse_args(argv)
     names = args.providers.split(",")
     if len(names) != 2:
@@ -47,6 +50,9 @@ def parse_args(argv=None):
     if args.rounds < 1:
         p.error("--rounds must be >= 1")
     return args, names
+
+
+GEMMS = ("aten::mm", "aten::addmm", "aten::addmm_")
 
 
 def minor_faults() -> int:
@@ -71,10 +77,11 @@ def main(argv=None) -> int:
     calls = {n: collections.Counter() for n in names}
     wall = {n: 0.0 for n in names}
     faults = {n: 0 for n in names}
+    gemms = {n: collections.Counter() for n in names}
     for _ in range(args.rounds):
         for n in names:
             f0 = minor_faults()
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=args.by_shape) as prof:
                 t0 = time.perf_counter()
                 bench_train.step(*models[n], ids, bargs)
                 wall[n] += time.perf_counter() - t0
@@ -82,6 +89,10 @@ def main(argv=None) -> int:
             for e in prof.key_averages():
                 self_us[n][e.key] += e.self_cpu_time_total
                 calls[n][e.key] += e.count
+            if args.by_shape:
+                for e in prof.key_averages(group_by_input_shape=True):
+                    if e.key in GEMMS:
+                        gemms[n][(e.key, str(e.input_shapes[:3]))] += e.self_cpu_time_total
     a, b = names
     R = args.rounds
     keys = sorted(set(self_us[a]) | set(self_us[b]), key=lambda k: -abs(self_us[b][k] - self_us[a][k]))
@@ -95,6 +106,11 @@ def main(argv=None) -> int:
     for n in names:
         print(f"{n}: {1e3 * wall[n] / R:.0f} ms per step (profiled), {sum(self_us[n].values()) / 1e3 / R:.0f} ms "
               f"in ops, {faults[n] / R:.0f} minor page faults per step")
+    if args.by_shape:
+        for n in names:
+            print(f"\n{n}: GEMMs by operand shapes (self ms per step)\n")
+            for (op, shapes), us in gemms[n].most_common(args.top):
+                print(f"{us / 1e3 / R:8.1f}  {op} {shapes}")
     return 0
 
 

@@ -60,13 +60,29 @@ def test_tensor_peak_counts_what_a_run_holds_at_once():
 
 def test_profile_train_lists_ops_of_both_providers(tmp_path):
     cmd = [sys.executable, str(ROOT / "bench" / "profile_train.py"), "--layers", "1", "--batch", "1", "--seq", "16",
-           "--rounds", "1", "--top", "200", "--dropout", "0.1"]
+           "--rounds", "1", "--top", "200", "--dropout", "0.1", "--by-shape"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [line.split(" | ") for line in r.stdout.splitlines() if line.startswith("| aten::")]
     ops = {row[0][2:]: row for row in rows}
     assert float(ops["aten::addmm_"][1]) == 0 < float(ops["aten::addmm_"][2])    # only ours accumulates
     assert "floor: " in r.stdout and "ours: " in r.stdout and "minor page faults per step" in r.stdout
+    floor, ours = r.stdout.split("floor: GEMMs by operand shapes")[1].split("ours: GEMMs by operand shapes")
+    shrink = "aten::mm [[16, 1024], [1024, 48]]"             # q/k/v's shared shrink (Σr = 48): ours only
+    assert shrink in ours and shrink not in floor and "aten::addmm_ [[16, 1024]" in ours
+
+
+def test_thin_gemms_counts_the_adapters_flops(capsys):
+    """bench/thin_gemms.py: the adapter's FLOPs per group as counted by hand, and a table of the four groups."""
+    import thin_gemms
+    row = thin_gemms.measure("q/k/v", 40, [40, 8, 8], M=12, r=3, rounds=1)
+    assert row["flop_share"] == 6 * 12 * 3 * (3 * 40 + 56) / (4 * 12 * 40 * 56)
+    assert set(row["parts"]) == {"shrink", "expand", "dS", "dB", "dA", "dX"}
+    assert thin_gemms.main(["--tokens", "8", "--rounds", "1", "--base-share", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert [line.split(" | ")[0] for line in out.splitlines() if line.startswith("| ") and "ms" not in line
+            and "---" not in line] == ["| q/k/v", "| o", "| gate/up", "| down"]
+    assert "of their time" in out and "would cost" in out
 
 
 def test_table_shows_mfu_on_a_gpu():
