@@ -42,6 +42,10 @@ ADAPTERS = {
 }
 
 
+DORA = LoRAConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
+                  init_lora_weights=False)
+
+
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """A random tiny Llama's state and three adapters for it (random A and B), saved in PEFT's format."""
@@ -61,6 +65,17 @@ def saved(tmp_path_factory):
                 if n.endswith("lora_B"):
                     p.mul_(0.3)
         save_adapter(m, root / name)
+    torch.manual_seed(20)                            # a DoRA adapter, its magnitudes moved off ‖W + s·B A‖
+    m = LlamaForCausalLM(tiny_config())
+    m.load_state_dict(state)
+    apply_lora(m, DORA)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if n.endswith("lora_B"):
+                p.mul_(0.3)
+            if n.endswith("lora_magnitude_vector"):
+                p.mul_(torch.empty_like(p).uniform_(0.7, 1.3))
+    save_adapter(m, root / "dora")
     other = LlamaForCausalLM(tiny_config(hidden_size=60))
     save_adapter(apply_lora(other, LoRAConfig(r=2, target_modules=["q_proj"])), root / "other_base")
     return root, state
@@ -135,17 +150,19 @@ def test_every_row_is_its_adapter_alone(saved, form, monkeypatch):
 
 
 def test_mixed_batch_over_an_nf4_base(saved):
-    """Over a 4-bit base (--quantize nf4): each row gives its adapter alone on the same 4-bit base, rows
-    with no adapter the 4-bit base bit for bit."""
+    """Over a 4-bit base (--quantize nf4): each row, a DoRA adapter's too, gives its adapter alone on the
+    same 4-bit base, rows with no adapter the 4-bit base bit for bit."""
     root, _ = saved
-    prompts, ids, mask = batch()
+    names = [*ADAPTERS, "dora"]                      # a DoRA adapter too: its norm from the dequantized rows
+    mixed_rows = ROWS + ["dora"]
+    prompts, ids, mask = batch(len(mixed_rows))
     nf4 = lambda: load_model(root / "base", torch.float32, quantize="nf4").eval()
-    model = load_adapters(nf4(), {n: root / n for n in ADAPTERS})
+    model = load_adapters(nf4(), {n: root / n for n in names})
     assert isinstance(model.model.layers[0].self_attn.q_proj.weight, NF4Weight)
-    with adapter_rows(model, ROWS):
+    with adapter_rows(model, mixed_rows):
         got = forward(model, ids, mask)
-    for name in set(ROWS):
-        rows = [i for i, r in enumerate(ROWS) if r == name]
+    for name in set(mixed_rows):
+        rows = [i for i, r in enumerate(mixed_rows) if r == name]
         want = forward(nf4() if name is None else load_adapter(nf4(), root / name), ids, mask)[rows]
         if name is None:
             assert torch.equal(got[rows], want)
@@ -194,6 +211,83 @@ def test_stacks_pad_ranks_and_mark_untargeted_modules(saved):
     k1 = layers["model.layers.1.self_attn.k_proj"]
     assert k1.present == [True, False, True] and k1.scalings[2] == pytest.approx(5 / 3)
     assert not any(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("form", ["grouped", "batched", "masked"])
+def test_dora_adapters_in_a_mixed_batch(saved, form, monkeypatch):
+    """A DoRA adapter beside plain ones: its rows give the DoRA model alone (g ⊙ (x Wᵀ + s·x Aᵀ Bᵀ) + b,
+    g fixed at load), the others theirs, base rows the base's (bit for bit off the masked path)."""
+    root, state = saved
+    rows = ["dora", None, "all7", "dora", "qvd", None, "all7"]
+    prompts, ids, mask = batch()
+    model = load_adapters(fresh(state), {n: root / n for n in ("all7", "dora", "qvd")})
+    if form == "grouped":
+        monkeypatch.setattr(serving_rows, "MAX_PADDING", 0.0)
+    backend.set_graph_safe(form == "masked")
+    try:
+        with adapter_rows(model, rows):
+            got = forward(model, ids, mask)
+    finally:
+        backend.set_graph_safe(False)
+    q = model.model.layers[0].self_attn.q_proj
+    assert q.dora == [False, True, False] and not torch.equal(q.dora_scale[1], torch.ones_like(q.dora_scale[1]))
+    for name in set(rows):
+        idx = [i for i, r in enumerate(rows) if r == name]
+        want = forward(alone(saved, name), ids, mask)[idx]
+        if name is None and form != "masked":
+            assert torch.equal(got[idx], want)
+        else:
+            assert (got[idx] - want).abs().max() <= 1e-4 * want.abs().max(), name
+    lora_only = forward(alone_lora_of(saved, "dora"), ids, mask)[[0, 3]]
+    assert not torch.allclose(got[[0, 3]], lora_only, atol=1e-3)            # the magnitudes act
+
+
+def alone_lora_of(saved, name):
+    """The DoRA adapter's A and B as a plain LoRA adapter (its magnitudes dropped)."""
+    root, state = saved
+    m = fresh(state)
+    apply_lora(m, LoRAConfig(r=4, lora_alpha=8, target_modules=DORA.target_modules))
+    dora = alone(saved, name)
+    with torch.no_grad():
+        mine = dict(m.named_parameters())
+        for n, p in dora.named_parameters():
+            if n in mine and "lora_" in n:
+                mine[n].copy_(p)
+    return m.eval()
+
+
+@pytest.mark.parametrize("form", ["grouped", "batched", "masked"])
+def test_dora_rows_with_a_bias_match_float64(form, monkeypatch):
+    """MultiLoRALinear with a bias and two DoRA adapters of three: b + g_k ⊙ (x Wᵀ + s_k·x A_kᵀ B_kᵀ) per row
+    against float64; rows of the plain adapter get no scale; rows without an adapter are the base."""
+    torch.manual_seed(6)
+    n, r, inp, out, B, T = 3, 5, 45, 29, 7, 2
+    A, Bt = torch.randn(n, r, inp), torch.randn(n, r, out)
+    g = torch.rand(n, out) + 0.5
+    g[1] = 1
+    base = nn.Linear(inp, out)
+    state = ServingState(["a", "b", "c"])
+    layer = MultiLoRALinear(base, A, Bt, [r] * n, [1.5, 0.5, 2.0], [True] * n, state, dora_scale=g.clone(),
+                            dora=[True, False, True])
+    ids = torch.tensor([0, 2, -1, 1, 0, 2, 1])
+    x = torch.randn(B, T, inp)
+    state.current = RowIndex(ids, n, state)
+    if form == "grouped":
+        monkeypatch.setattr(serving_rows, "MAX_PADDING", 0.0)
+    backend.set_graph_safe(form == "masked")
+    try:
+        with torch.no_grad():
+            got = layer(x)
+    finally:
+        backend.set_graph_safe(False)
+    x64, W64, b64 = x.double(), base.weight.double(), base.bias.double()
+    for row, k in enumerate(ids.tolist()):
+        if k < 0:
+            want = x64[row] @ W64.t() + b64
+        else:
+            z = x64[row] @ W64.t() + [1.5, 0.5, 2.0][k] * (x64[row] @ A[k].double().t()) @ Bt[k].double()
+            want = b64 + g[k].double() * z
+        assert (got[row].double() - want).abs().max() <= 1e-5 * want.abs().max(), (form, row)
 
 
 def test_batched_plans():

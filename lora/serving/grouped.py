@@ -20,6 +20,9 @@ the stacks read as views when the batch's adapters are a run of them. A batch of
 costs four calls per module instead of two per adapter; the products are the grouped form's but
 with the ranks padded to the largest among the batch's adapters (zeros, which add nothing).
 
+DoRA adapters (lora/core/dora.py): their rows then become b + g_k ⊙ (y − b), g_k = m_k / ‖W + s_k·B_k A_k‖_row
+(out,) fixed at load, which is DoRA's g ⊙ (x Wᵀ + s·x Aᵀ Bᵀ) + b on whichever path computed y.
+
 Masked (graph capture, HPU: shapes must not depend on the data): every adapter's shrink and expand
 run over all M rows, S multiplied by a 0/1 row mask first. The index is data, not shape: one graph
 serves every mix of adapters, at n times the (small) adapter FLOPs.
@@ -67,3 +70,29 @@ def batched_lora_(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bt: torch.T
         return
     Y = torch.bmm(S, Bt).view(plan.G * plan.R, -1)                             # (G·R, out) expand
     y.index_add_(0, plan.rows, Y if plan.slots is None else Y.index_select(0, plan.slots))
+
+
+def dora_rows_(y: torch.Tensor, bias: torch.Tensor | None, g: torch.Tensor, groups, dora) -> None:
+    """y[i] ← b + g_k ⊙ (y[i] − b) for the rows of each DoRA adapter k (`dora[k]`): y (M, out) holds
+    x Wᵀ + b + s·x Aᵀ Bᵀ, g (n, out) the row scales; `groups` as grouped_lora_'s."""
+    for k, rows in groups:
+        if not dora[k]:
+            continue
+        if rows is None or isinstance(rows, slice):
+            part = y if rows is None else y[rows]                              # a view: changed in place
+            _rescale_(part, bias, g[k])
+        else:
+            y.index_copy_(0, rows, _rescale_(y.index_select(0, rows), bias, g[k]))
+
+
+def _rescale_(z: torch.Tensor, bias, g: torch.Tensor) -> torch.Tensor:
+    if bias is None:
+        return z.mul_(g)
+    return z.sub_(bias).mul_(g).add_(bias)
+
+
+def dora_masked_(y: torch.Tensor, bias: torch.Tensor | None, g: torch.Tensor, masks, dora) -> None:
+    """The same with static shapes: y += (y − b) ⊙ Σ_k mask_k (g_k − 1) over the DoRA adapters; a row of
+    no DoRA adapter gets + 0."""
+    scale = sum(mask * (g[k] - 1) for k, mask in enumerate(masks) if dora[k])       # (M, out)
+    y.addcmul_(y if bias is None else y - bias, scale)

@@ -5,12 +5,17 @@ choosing its own (lora/serving/rows.py).
         lora_A: (n, r_max, in)   lora_Bt: (n, r_max, out), B_kᵀ stacked as the expand reads it
         adapter k uses A_k = lora_A[k, :r_k] and B_kᵀ = lora_Bt[k, :r_k], both contiguous
 
-Ranks are padded to the largest with zeros. The plain paths (lora/serving/grouped.py) read each
+Ranks are padded to the largest with zeros. The grouped path (lora/serving/grouped.py) reads each
 adapter's own r_k (the padding is never multiplied: the same products as the adapter alone); the
-Triton kernels (kernels/segmented.py, when lora.core.backend picks Triton) read the padded stacks,
-whose zeros add nothing. An adapter that does not target this
-module has `present[k]` False and contributes nothing for its rows. Scalings are per adapter and
-per module (rank_pattern / alpha_pattern), from lora/core/config.py.
+batched path reads up to the largest rank among the batch's adapters and the Triton kernels
+(kernels/segmented.py, when lora.core.backend picks Triton) the whole padded stacks, whose zeros add
+nothing. An adapter that does not target this module has `present[k]` False and contributes nothing
+for its rows. Scalings are per adapter and per module (rank_pattern / alpha_pattern), from
+lora/core/config.py. A DoRA adapter's rows are then rescaled on every path,
+
+    y[i] = b + g_k ⊙ (x[i] Wᵀ + s_k · (x[i] A_kᵀ) B_kᵀ)    g_k = m_k / ‖W + s_k·B_k A_k‖_row (`dora_scale[k]`)
+
+with g_k fixed when the adapters are loaded (lora/serving/load.py).
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ import torch.nn as nn
 
 from ..core import backend
 from ..quant.linear import base_linear
-from .grouped import batched_lora_, grouped_lora_, masked_lora_
+from .grouped import batched_lora_, dora_masked_, dora_rows_, grouped_lora_, masked_lora_
 
 
 class MultiLoRALinear(nn.Module):
@@ -27,12 +32,17 @@ class MultiLoRALinear(nn.Module):
     the per-adapter `ranks`, `scalings`, `present`."""
 
     def __init__(self, base: nn.Linear, lora_A: torch.Tensor, lora_Bt: torch.Tensor, ranks: list[int],
-                 scalings: list[float], present: list[bool], state):
+                 scalings: list[float], present: list[bool], state, dora_scale: torch.Tensor | None = None,
+                 dora: list[bool] | None = None):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
         self.register_buffer("lora_A", lora_A)           # (n, r_max, in)
         self.register_buffer("lora_Bt", lora_Bt)         # (n, r_max, out)
+        self.dora = list(dora) if dora is not None else [False] * len(ranks)
+        # DoRA's g_k = m_k / ‖W + s_k·B_k A_k‖_row (n, out), 1 for plain LoRA adapters
+        self.register_buffer("dora_scale", dora_scale if dora_scale is not None
+                             else torch.ones(len(ranks), self.out_features, dtype=lora_A.dtype, device=lora_A.device))
         self.ranks, self.scalings, self.present = list(ranks), list(scalings), list(present)
         self.state = state                                # ServingState, shared with the model
         self._views = self._adapter_views()
@@ -78,16 +88,23 @@ class MultiLoRALinear(nn.Module):
         if index is None or not index.active:
             return y
         x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])       # (M, in), (M, out)
+        M = x2.shape[0]
         if backend.uses_triton(x):
             self._triton_(y2, x2, index)
         elif backend._GRAPH_SAFE:
-            masked_lora_(y2, x2, self._views_in(x.dtype), index.masks(x2.shape[0], x.device, x.dtype))
+            masked_lora_(y2, x2, self._views_in(x.dtype), index.masks(M, x.device, x.dtype))
         else:
-            plan = index.batched(x2.shape[0], x.device, self._present)
+            plan = index.batched(M, x.device, self._present)
             if plan is None:
-                grouped_lora_(y2, x2, self._views_in(x.dtype), index.groups(x2.shape[0], x.device))
+                grouped_lora_(y2, x2, self._views_in(x.dtype), index.groups(M, x.device))
             else:
                 batched_lora_(y2, x2, *self._batch_stacks(plan, x.dtype), plan)
+        if any(self.dora):                                # DoRA adapters' rows: b + g ⊙ (y − b)
+            g, bias = self.dora_scale.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype)
+            if backend._GRAPH_SAFE and not backend.uses_triton(x):
+                dora_masked_(y2, bias, g, index.masks(M, x.device, x.dtype), self.dora)
+            else:
+                dora_rows_(y2, bias, g, index.groups(M, x.device), self.dora)
         return y
 
     def _views_in(self, dtype: torch.dtype):

@@ -6,7 +6,9 @@
 Each adapter is read and checked against the base before the model is touched (its config, its
 targets matched as apply_lora matches them, every key present and expected, every shape exact, every
 value finite), so a bad one is one `LoRAError` line and nothing changes. Adapters may differ in rank,
-alpha, targets and rank/alpha patterns.
+alpha, targets and rank/alpha patterns, and may be DoRA adapters: a DoRA adapter's row scale
+g = m / ‖W + s·B A‖_row is computed here, once, by the factored norm the DoRA layer uses
+(lora/core/dora.py), since nothing changes at inference.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import os
 import torch
 import torch.nn as nn
 
+from ..core.dora import weight_norm, weight_sq_norms
 from ..core.inject import lora_layers, select_targets
 from ..errors import LoRAError
 from ..storage.adapter import check_finite, peft_key, read_adapter_config, read_adapter_tensors
@@ -23,17 +26,17 @@ from .rows import ServingState
 
 
 def _read_checked(model: nn.Module, modules: dict, adapter_dir) -> dict[str, tuple]:
-    """{module name: (A (r, in), B (out, r), scaling)} of one adapter, checked against the base."""
+    """{module name: (A (r, in), B (out, r), scaling, DoRA's m (out,) or None)} of one adapter, checked
+    against the base."""
     source = str(adapter_dir)
     config = read_adapter_config(adapter_dir)
-    if config.use_dora:
-        raise LoRAError(f"{source}: a DoRA adapter cannot share a mixed batch (plain LoRA only)")
     tensors = read_adapter_tensors(adapter_dir)
     try:
         targets = select_targets(model, config)
     except LoRAError as e:
         raise LoRAError(f"{source}: {e}") from None
-    expected = {peft_key(n, w) for n in targets for w in "AB"}
+    kinds = ("A", "B", "magnitude") if config.use_dora else ("A", "B")
+    expected = {peft_key(n, w) for n in targets for w in kinds}
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing:
         raise LoRAError(f"{source}: {len(missing)} missing key(s), e.g. {missing[0]}")
@@ -42,36 +45,47 @@ def _read_checked(model: nn.Module, modules: dict, adapter_dir) -> dict[str, tup
     out = {}
     for name in targets:
         base, r = modules[name], config.rank_for(name)
-        for which, shape in (("A", (r, base.in_features)), ("B", (base.out_features, r))):
-            key, t = peft_key(name, which), tensors[peft_key(name, which)]
+        shapes = {"A": (r, base.in_features), "B": (base.out_features, r), "magnitude": (base.out_features,)}
+        for which in kinds:
+            shape, key = shapes[which], peft_key(name, which)
+            t = tensors[key]
             if tuple(t.shape) != shape:
                 raise LoRAError(f"{source}: {key} has shape {tuple(t.shape)} but the model needs {shape}")
             if not t.is_floating_point():
                 raise LoRAError(f"{source}: {key} has dtype {t.dtype}, expected a float tensor")
             check_finite(t, key, source)
-        out[name] = (tensors[peft_key(name, "A")], tensors[peft_key(name, "B")], config.scaling_for(name))
+        m = tensors[peft_key(name, "magnitude")] if config.use_dora else None
+        out[name] = (tensors[peft_key(name, "A")], tensors[peft_key(name, "B")], config.scaling_for(name), m)
     return out
 
 
-def _stack(base: nn.Linear, per_adapter: list) -> tuple[torch.Tensor, torch.Tensor, list, list, list]:
-    """Zero-padded stacks A (n, r_max, in) and Bᵀ (n, r_max, out) in the base's dtype; ranks, scalings, present."""
+def _stack(base: nn.Linear, per_adapter: list) -> tuple:
+    """Zero-padded stacks A (n, r_max, in) and Bᵀ (n, r_max, out) in the base's dtype; ranks, scalings,
+    present; DoRA's row scales g (n, out) in the base's dtype (1 for a plain LoRA adapter) and which
+    adapters are DoRA here."""
     w = base.weight
     dtype = w.dtype if w.is_floating_point() else torch.float32
     r_max = max(ad[0].shape[0] for ad in per_adapter if ad is not None)
     n = len(per_adapter)
     A = torch.zeros(n, r_max, base.in_features, dtype=dtype, device=w.device)
     Bt = torch.zeros(n, r_max, base.out_features, dtype=dtype, device=w.device)
-    ranks, scalings, present = [], [], []
+    g = torch.ones(n, base.out_features, dtype=dtype, device=w.device)
+    ranks, scalings, present, dora = [], [], [], []
+    w_sq = None
     for k, ad in enumerate(per_adapter):
         if ad is None:
-            ranks.append(0); scalings.append(0.0); present.append(False)
+            ranks.append(0); scalings.append(0.0); present.append(False); dora.append(False)
             continue
-        a, b, s = ad
+        a, b, s, m = ad
         r = a.shape[0]
         A[k, :r] = a
         Bt[k, :r] = b.t()
-        ranks.append(r); scalings.append(s); present.append(True)
-    return A, Bt, ranks, scalings, present
+        if m is not None:                                # g = m / ‖W + s·B A‖_row, as the DoRA layer computes it
+            w_sq = weight_sq_norms(w) if w_sq is None else w_sq
+            a_, b_ = a.to(w.device), b.to(w.device)
+            g[k] = m.to(w.device, torch.float32) / weight_norm(w, a_, b_, s, w_sq)
+        ranks.append(r); scalings.append(s); present.append(True); dora.append(m is not None)
+    return A, Bt, ranks, scalings, present, g, dora
 
 
 @torch.no_grad()
@@ -96,10 +110,10 @@ def load_adapters(model: nn.Module, adapters) -> nn.Module:
     state = ServingState(names)
     for name in targets:
         base = modules[name]
-        A, B, ranks, scalings, present = _stack(base, [r.get(name) for r in read])
+        A, B, ranks, scalings, present, g, dora = _stack(base, [r.get(name) for r in read])
         parent_name, _, child = name.rpartition(".")
         setattr(modules[parent_name] if parent_name else model, child,
-                MultiLoRALinear(base, A, B, ranks, scalings, present, state))
+                MultiLoRALinear(base, A, B, ranks, scalings, present, state, dora_scale=g, dora=dora))
     for p in model.parameters():
         p.requires_grad_(False)
     model.serving_state = state
