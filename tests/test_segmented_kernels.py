@@ -74,8 +74,8 @@ def test_segments_are_runs_without_the_base_rows():
 
 
 def test_mixed_batch_model_on_the_kernels_matches_the_plain_path(tmp_path):
-    """A model holding three adapters (different ranks and targets): prefill (per segment) and decode
-    (per row) on the kernels give the plain grouped path's tokens and logits."""
+    """A model holding three adapters (different ranks and targets, one of them DoRA): prefill (per
+    segment) and decode (per row) on the kernels give the plain path's tokens and logits."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from lora import LoRAConfig, apply_lora, save_adapter, set_backend, get_backend
@@ -87,15 +87,22 @@ def test_mixed_batch_model_on_the_kernels_matches_the_plain_path(tmp_path):
     torch.manual_seed(0)
     state = LlamaForCausalLM(cfg).state_dict()
     for name, c in {"a": LoRAConfig(r=4, lora_alpha=8, init_lora_weights=False),
-                    "b": LoRAConfig(r=2, lora_alpha=3, target_modules=["q_proj", "down_proj"], init_lora_weights=False)}.items():
+                    "b": LoRAConfig(r=2, lora_alpha=3, target_modules=["q_proj", "down_proj"], init_lora_weights=False),
+                    "c": LoRAConfig(r=3, lora_alpha=6, target_modules=["v_proj", "up_proj"], use_dora=True,
+                                    init_lora_weights=False)}.items():
         m = LlamaForCausalLM(cfg)
         m.load_state_dict(state)
-        save_adapter(apply_lora(m, c), tmp_path / name)
+        apply_lora(m, c)
+        with torch.no_grad():                               # DoRA's magnitudes off the norm: g ≠ 1
+            for n, p in m.named_parameters():
+                if n.endswith("lora_magnitude_vector"):
+                    p.mul_(torch.empty_like(p).uniform_(0.7, 1.3))
+        save_adapter(m, tmp_path / name)
     model = LlamaForCausalLM(cfg)
     model.load_state_dict(state)
-    model = load_adapters(model, {"a": tmp_path / "a", "b": tmp_path / "b"}).eval()
-    rows = ["b", None, "a", "a", "b"]
-    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14], [15, 16]]
+    model = load_adapters(model, {n: tmp_path / n for n in "abc"}).eval()
+    rows = ["b", None, "a", "c", "a", "b", "c"]
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [17, 18], [14], [15, 16], [19, 20, 21]]
     ids, mask = left_pad(prompts, 0)
     old = get_backend()
     results = {}
