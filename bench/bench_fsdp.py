@@ -34,15 +34,20 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=10, help="decoder layers of the synthetic base (default 10: 1.35 GB)")
+def run_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of the run itself, shared with profile_fsdp.py (`train_config` reads them)."""
+    p.add_argument("--layers", type=int, default=10, help="decoder layers of the synthetic base (default 10: 1.48 GB)")
     p.add_argument("--seq", type=int, default=32, help="tokens per example (default 32)")
     p.add_argument("--batch", type=int, default=4, help="global batch: examples per step over all ranks (default 4)")
+    p.add_argument("--work", default="/tmp/bench-fsdp",
+                   help="where the base, data and runs go; a base already there is reused (default /tmp/bench-fsdp)")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run_flags(p)
     p.add_argument("--steps", type=int, default=3, help="optimizer steps per run (default 3; at least 2: the first is not timed)")
     p.add_argument("--procs", default="1,2", help="process counts to run (default 1,2)")
-    p.add_argument("--work", default="/tmp/bench-fsdp",
-                   help="where the base, data and runs go (default /tmp/bench-fsdp)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "fsdp-cpu.json"), help="JSON path")
     p.add_argument("--_worker", dest="worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -21,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+from bench_fsdp import build_inputs, run_flags, train_config  # noqa: E402  (no torch at import)
 
 MB = 2 ** 20
 
@@ -129,7 +130,6 @@ def attach(model, probe_holder: list) -> None:
 
 def worker(args) -> None:
     import torch
-    from bench_fsdp import train_config
     from lora.training import loop, train
 
     probes: list = []
@@ -157,16 +157,12 @@ def worker(args) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=10, help="decoder layers of the synthetic base (default 10)")
-    p.add_argument("--seq", type=int, default=32, help="tokens per example (default 32)")
-    p.add_argument("--batch", type=int, default=4, help="global batch (default 4)")
+    run_flags(p)
     p.add_argument("--steps", type=int, default=2, help="optimizer steps (default 2; the last is printed)")
-    p.add_argument("--work", default="/tmp/bench-fsdp", help="bench_fsdp.py's --work (the base is reused)")
     p.add_argument("--_worker", dest="worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         return worker(args)
-    from bench_fsdp import build_inputs
     build_inputs(Path(args.work), args.layers)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

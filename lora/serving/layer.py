@@ -40,6 +40,7 @@ class MultiLoRALinear(nn.Module):
         self.register_buffer("lora_A", lora_A)           # (n, r_max, in)
         self.register_buffer("lora_Bt", lora_Bt)         # (n, r_max, out)
         self.dora = list(dora) if dora is not None else [False] * len(ranks)
+        self._any_dora = any(self.dora)
         # DoRA's g_k = m_k / ‖W + s_k·B_k A_k‖_row (n, out), 1 for plain LoRA adapters
         self.register_buffer("dora_scale", dora_scale if dora_scale is not None
                              else torch.ones(len(ranks), self.out_features, dtype=lora_A.dtype, device=lora_A.device))
@@ -89,9 +90,11 @@ class MultiLoRALinear(nn.Module):
             return y
         x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])       # (M, in), (M, out)
         M = x2.shape[0]
-        if backend.uses_triton(x):
+        triton = backend.uses_triton(x)
+        masked = backend._GRAPH_SAFE and not triton
+        if triton:
             self._triton_(y2, x2, index)
-        elif backend._GRAPH_SAFE:
+        elif masked:
             masked_lora_(y2, x2, self._views_in(x.dtype), index.masks(M, x.device, x.dtype))
         else:
             plan = index.batched(M, x.device, self._present)
@@ -99,9 +102,9 @@ class MultiLoRALinear(nn.Module):
                 grouped_lora_(y2, x2, self._views_in(x.dtype), index.groups(M, x.device))
             else:
                 batched_lora_(y2, x2, *self._batch_stacks(plan, x.dtype), plan)
-        if any(self.dora):                                # DoRA adapters' rows: b + g ⊙ (y − b)
+        if self._any_dora:                                # DoRA adapters' rows: b + g ⊙ (y − b)
             g, bias = self.dora_scale.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype)
-            if backend._GRAPH_SAFE and not backend.uses_triton(x):
+            if masked:
                 dora_masked_(y2, bias, g, index.masks(M, x.device, x.dtype), self.dora)
             else:
                 dora_rows_(y2, bias, g, index.groups(M, x.device), self.dora)

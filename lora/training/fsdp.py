@@ -92,14 +92,14 @@ def load_sharded_base_with_lora(cfg: TrainConfig, device: Device, dtype: torch.d
             model.model.embed_tokens = RowShardedEmbedding(emb)
         if type(head) is nn.Linear and head.bias is None:
             model.lm_head = RowShardedHead(head)
-    gathered = [m for m in model.modules() if isinstance(m, (RowShardedEmbedding, RowShardedHead))]
+    row_sharded = [m for m in model.modules() if isinstance(m, (RowShardedEmbedding, RowShardedHead))]
     adapter = {p for layer in lora_layers(model).values() for p in (layer.lora_A, layer.lora_B)}
     # The CPU mesh is named explicitly: gloo on a machine with GPUs would otherwise move the model there.
     mesh = init_device_mesh(device.name, (world,))
-    shard_units(model, mesh, adapter | {m.weight for m in gathered}, device)
+    shard_units(model, mesh, adapter | {m.weight for m in row_sharded}, device)
     model.to_empty(device=device.torch_device)
     rebuild_rotary(model, device)
-    gathered = {id(m.weight): m for m in gathered}       # (to_empty made new parameters)
+    gathered = {id(m.weight): m for m in row_sharded}    # by parameter (to_empty made new ones)
 
     quantized = {m: name for name, m in model.named_modules() if isinstance(m, ShardedNF4Weight)}
     base = {name: p for name, p in model.named_parameters() if not p.requires_grad}
