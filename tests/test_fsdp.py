@@ -183,6 +183,44 @@ def test_gathered_embedding_and_head_are_the_whole_ones(tmp_path):
             assert torch.equal(r["emb"], F.embedding(r["ids"], r["E"]))
 
 
+def _group_worker(rank: int, world: int, port: int, out: str) -> None:
+    """One rank of test_the_process_group_is_left: whether the group is held, at each point."""
+    import torch.distributed as dist
+    from lora.runtime.device import resolve_device
+    from lora.training import distributed
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    device, seen = resolve_device("cpu", rank), []
+    with distributed.process_group(device):
+        seen.append(distributed.active())
+        distributed.barrier()
+    seen.append(distributed.active())
+    with pytest.raises(ValueError):
+        with distributed.process_group(device):
+            seen.append(distributed.all_reduce(torch.ones(1)).item())
+            raise ValueError("an error inside")
+    seen.append(distributed.active())
+    dist.init_process_group("gloo")                     # a caller's own group: used, not left
+    with distributed.process_group(device):
+        distributed.barrier()
+    seen.append(distributed.active())
+    dist.destroy_process_group()
+    torch.save(seen, f"{out}/rank{rank}.pt")
+
+
+def test_the_process_group_is_left_at_the_end_and_on_an_error(tmp_path):
+    """distributed.process_group joins torchrun's group for its block and leaves it after, an error
+    included (gloo's threads, left to the interpreter's exit, may abort a finished run); a group its
+    caller joined first stays joined."""
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_group_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        assert torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) == [True, False, 2.0, False, True]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_read_rows_reads_only_each_ranks_rows(tiny, dtype):
     """Three ranks' row ranges (torch.chunk's split, as FSDP2's) put back together are the checkpoint's

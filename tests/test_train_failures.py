@@ -24,8 +24,12 @@ def long_run(tiny, out, *extra):
 
 
 def leftovers(out: Path) -> list[str]:
-    """What a run must never leave: temporaries, moved-aside targets, its lock."""
-    return [p for p in files(out.parent) if Path(p).name.startswith((".tmp-", ".old-", f".{out.name}.lock"))]
+    """What a run into `out` must never leave, in it or beside it: temporaries, moved-aside targets, its
+    lock. Another run's files beside it (one still going) are not this run's."""
+    inside = [f"{out.name}/{p}" for p in files(out) if Path(p).name.startswith((".tmp-", ".old-"))]
+    beside = [p.name for p in out.parent.iterdir()
+              if p.name.startswith((f".tmp-{out.name}.", f".old-{out.name}.", f".{out.name}.lock"))]
+    return inside + beside
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])

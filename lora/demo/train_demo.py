@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..core.inject import select_targets
-from ..runtime.device import resolve_device
+from ..runtime.device import Device, resolve_device
 from ..storage.lock import OutputLock
 from ..storage.model_dir import load_model, load_tokenizer, skeleton
 from ..training import distributed
@@ -52,9 +52,13 @@ def _build_and_train(cfg: TrainConfig, out: Path, mode: str) -> dict:
     if rank == 0 and (mode != "resume" or not (out / "base" / "config.json").is_file()):
         build_demo_base(out / "base")
         write_task_data(out / "data")
-    distributed.init(device)
-    distributed.barrier()                           # the others wait for rank 0's base and data
+    with distributed.process_group(device):
+        distributed.barrier()                       # the others wait for rank 0's base and data
+        return _measure_and_train(cfg, out, mode, device)
 
+
+def _measure_and_train(cfg: TrainConfig, out: Path, mode: str, device: Device) -> dict:
+    rank = distributed.world()[0]
     if device.name == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # The demo's matrices are 256 wide: too small for a second thread to earn back what it costs
         # in synchronisation (docs/train.md has step times measured both ways).

@@ -5,7 +5,9 @@ is gathered for the checkpoint. Outside torchrun (or with one process) every cal
 """
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -23,10 +25,20 @@ def active() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def init(device: Device) -> None:
-    """Join the process group (gloo on CPU, nccl on CUDA, hccl on HPU) under torchrun, once."""
-    if world()[1] > 1 and not active():
+@contextlib.contextmanager
+def process_group(device: Device) -> Iterator[None]:
+    """The process group (gloo on CPU, nccl on CUDA, hccl on HPU) under torchrun, for the block's
+    length: joined on entry unless the caller holds it already, and then left on exit, errors included.
+    Leaving it joins the backend's threads while the interpreter is whole; gloo's, left to exit,
+    may abort the process after its last step."""
+    joined = world()[1] > 1 and not active()
+    if joined:
         device.init_process_group()
+    try:
+        yield
+    finally:
+        if joined and active():
+            dist.destroy_process_group()
 
 
 def barrier() -> None:

@@ -65,6 +65,7 @@ def train(cfg: TrainConfig, out_mode: str | None = None) -> TrainResult:
     """
     run = check_run(cfg, out_mode)
     with contextlib.ExitStack() as hold:
+        hold.enter_context(distributed.process_group(run.device))
         if distributed.world()[0] == 0:
             hold.enter_context(OutputLock(cfg.out))
         return run_checked(run)
@@ -103,7 +104,6 @@ def check_run(cfg: TrainConfig, out_mode: str | None = None) -> CheckedRun:
 def run_checked(run: CheckedRun) -> TrainResult:
     cfg, device, dtype, data, eval_data, plan = run.cfg, run.device, run.dtype, run.data, run.eval_data, run.plan
     rank = distributed.world()[0]
-    distributed.init(device)
     out = Path(cfg.out)
     if rank == 0:
         start_run(out, run.mode, run.record)
