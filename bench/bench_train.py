@@ -6,6 +6,7 @@ Three providers on the same model and batch, timed in alternating rounds in one 
   ours   lora.apply_lora + fused AdamW step on the adapter (q/k/v and gate/up share one shrink)
   ours-ungrouped  the same with one op per projection (--providers floor,ours,ours-ungrouped)
   ours-saved-input  ours keeping every LoRA input for backward, none recomputed (lora.set_recompute_inputs)
+  ours-mkl  ours with the adapter's thin products on torch.mm (MKL), not oneDNN (lora.set_thin_gemm)
   ours-dora, peft-dora  DoRA (use_dora=True) in ours and in PEFT (--providers floor,ours,ours-dora,peft-dora):
                    the table gains PEFT-DoRA ÷ this (time, per round) and this ÷ ours (ours-DoRA over ours-LoRA)
 Peak memory is measured per provider in a fresh subprocess, over two steps after a first one:
@@ -57,7 +58,7 @@ PRESETS = {
                      num_key_value_heads=8, vocab_size=128256),
 }
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-PROVIDERS = ("floor", "peft", "ours")   # also available: "ours-ungrouped", "ours-saved-input"
+PROVIDERS = ("floor", "peft", "ours")   # also available: "ours-ungrouped", "ours-saved-input", "ours-mkl"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -75,7 +76,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--steps", type=int, default=5, help="timed steps per provider (default 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per provider first (default 2)")
-    p.add_argument("--providers", default=",".join(PROVIDERS), help="comma list of floor,peft,ours,ours-ungrouped,ours-saved-input,ours-dora,peft-dora")
+    p.add_argument("--providers", default=",".join(PROVIDERS), help="comma list of floor,peft,ours,ours-ungrouped,ours-saved-input,ours-mkl,ours-dora,peft-dora")
     p.add_argument("--no-memory", action="store_true", help="skip the per-provider peak-memory subprocesses")
     p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
                    help="CPU: glibc keeps freed memory in the process (lora.runtime.malloc, as train.py does) for every "
@@ -114,6 +115,7 @@ def make_provider(name, base, args):
                                                target_modules=targets, use_dora=name == "ours-dora"),
                         group_shared_inputs=name != "ours-ungrouped")
         model.lora_recompute_inputs = name != "ours-saved-input"      # applied by step()
+        model.lora_thin_gemm = "torch" if name == "ours-mkl" else "auto"
     params = [p for p in model.parameters() if p.requires_grad]
     with torch.no_grad():     # a non-zero B so the LoRA branch is real work
         for n, p in model.named_parameters():
@@ -136,6 +138,7 @@ def step(model, opt, ids, args):
     model.train()
     if hasattr(model, "lora_recompute_inputs"):
         lora.set_recompute_inputs(model.lora_recompute_inputs)
+        lora.set_thin_gemm(model.lora_thin_gemm)
     emb = model.get_input_embeddings()(ids).detach().requires_grad_()
     autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.dtype == "bf16" and args.device != "cpu")
     with autocast:
@@ -311,7 +314,8 @@ def main(argv=None):
     if args.memory_child:
         return memory_child(args, args.memory_child)
     names = [n for n in args.providers.split(",") if n]
-    unknown = set(names) - {"floor", "peft", "ours", "ours-ungrouped", "ours-saved-input", "ours-dora", "peft-dora"}
+    unknown = set(names) - {"floor", "peft", "ours", "ours-ungrouped", "ours-saved-input", "ours-mkl",
+                            "ours-dora", "peft-dora"}
     if unknown:
         sys.exit(f"bench_train.py: error: unknown provider(s) {', '.join(sorted(unknown))}")
     if "peft" in names or "peft-dora" in names:

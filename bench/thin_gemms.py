@@ -7,7 +7,11 @@ Per projection group (q/k/v and gate/up share their input, as lora/core/op.py ru
     base      x Wᵢᵀ (forward) and dYᵢ Wᵢ (backward, dX), for each member
     adapter   shrink x Aᵀ, expand Sᵢ Bᵢᵀ, dSᵢ = dYᵢ Bᵢ, dBᵢ = (Sᵢᵀ dYᵢ)ᵀ, dA = dSᵀ x, dX += dS A
 
-The last line is what the adapter's products cost at these rates as a share of the base GEMMs' time,
+The adapter's products are timed twice: with `torch.mm` (MKL's sgemm on x86) and with lora.core.thin's
+`mm`, which the op uses (oneDNN's fp32 matmul where PyTorch has it). The base GEMMs are timed with
+`torch.mm`, the frozen base's own, and once more through oneDNN: what the floor itself would run at
+on a library that picks this CPU's widest vector path (the op never does that to the base GEMMs).
+The last lines are what the adapter's products cost at these rates as a share of the base GEMMs' time,
 and the ratio to the frozen floor that share implies when the base GEMMs are --base-share of the
 floor's step (bench/profile_train.py measures that share). It is an estimate, not a bound: with hot
 caches each product reads operands a training step would bring from memory (inside a step they run
@@ -28,6 +32,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import PRESETS  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lora.core import thin  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -64,6 +70,16 @@ def groups(shape: dict) -> list[tuple[str, int, list[int]]]:
     return [("q/k/v", H, [H, kv, kv]), ("o", H, [H]), ("gate/up", H, [I, I]), ("down", I, [H])]
 
 
+def adapter_products(mm, x, A, Bs, dYs, cols, dS, t) -> dict:
+    """Seconds of each of the adapter's products of one group, `mm` doing every product."""
+    return dict(shrink=t(lambda: mm(x, A.t())),
+                expand=sum(t(lambda c=c, B=B: mm(c, B.t())) for c, B in zip(cols, Bs)),
+                dS=sum(t(lambda d=d, B=B: mm(d, B)) for d, B in zip(dYs, Bs)),
+                dB=sum(t(lambda c=c, d=d: mm(c.t(), d).t()) for c, d in zip(cols, dYs)),
+                dA=t(lambda: mm(dS.t(), x)),
+                dX=t(lambda: mm(dS, A)))
+
+
 def measure(name: str, inp: int, outs: list[int], M: int, r: int, rounds: int) -> dict:
     n = len(outs)
     x, A = torch.randn(M, inp), torch.randn(n * r, inp)
@@ -72,19 +88,14 @@ def measure(name: str, inp: int, outs: list[int], M: int, r: int, rounds: int) -
     S, dS = torch.randn(M, n * r), torch.randn(M, n * r)
     cols = [S[:, i * r:(i + 1) * r] for i in range(n)]
     t = lambda fn: timed(fn, rounds)
-    base = sum(t(lambda W=W: torch.mm(x, W.t())) + t(lambda d=d, W=W: torch.mm(d, W)) for d, W in zip(dYs, Ws))
-    parts = dict(shrink=t(lambda: torch.mm(x, A.t())),
-                 expand=sum(t(lambda c=c, B=B: torch.mm(c, B.t())) for c, B in zip(cols, Bs)),
-                 dS=sum(t(lambda d=d, B=B: torch.mm(d, B)) for d, B in zip(dYs, Bs)),
-                 dB=sum(t(lambda c=c, d=d: torch.mm(c.t(), d).t()) for c, d in zip(cols, dYs)),
-                 dA=t(lambda: torch.mm(dS.t(), x)),
-                 dX=t(lambda: torch.mm(dS, A)))
+    base_with = lambda mm: sum(t(lambda W=W: mm(x, W.t())) + t(lambda d=d, W=W: mm(d, W)) for d, W in zip(dYs, Ws))
+    base, base_onednn = base_with(torch.mm), base_with(thin.mm)
+    parts = {lib: adapter_products(mm, x, A, Bs, dYs, cols, dS, t) for lib, mm in (("torch", torch.mm), ("thin", thin.mm))}
     base_flops = 4 * M * inp * sum(outs)
     adapter_flops = 6 * M * r * (n * inp + sum(outs))
-    adapter = sum(parts.values())
-    return dict(group=name, base_s=base, adapter_s=adapter, parts=parts,
-                base_gflops=base_flops / base / 1e9, adapter_gflops=adapter_flops / adapter / 1e9,
-                flop_share=adapter_flops / base_flops)
+    adapter = {lib: sum(p.values()) for lib, p in parts.items()}
+    return dict(group=name, base_s=base, base_onednn_s=base_onednn, adapter_s=adapter, parts=parts,
+                base_flops=base_flops, adapter_flops=adapter_flops, flop_share=adapter_flops / base_flops)
 
 
 def main(argv=None) -> int:
@@ -93,22 +104,32 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows = [measure(name, inp, outs, args.tokens, args.r, args.rounds) for name, inp, outs in groups(PRESETS[args.preset])]
+    onednn = "oneDNN" if thin._onednn_works() else "torch.mm: this PyTorch has no oneDNN linear"
     print(f"{args.preset}: one decoder layer, M = {args.tokens}, r = {args.r}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}; median of {args.rounds} calls each, hot caches\n")
-    print("| group | base GEMMs ms | base GFLOP/s | adapter GEMMs ms | adapter GFLOP/s | adapter ÷ base time "
-          "(÷ FLOPs) | shrink, expand, dS, dB, dA, dX ms |")
-    print("|---|---|---|---|---|---|---|")
+          f"torch {torch.__version__}; median of {args.rounds} calls each, hot caches; thin.mm: {onednn}\n")
+    gf = lambda flops, s: f"{flops / s / 1e9:.0f}"
+    print("| group | base GEMMs ms (torch.mm) | GFLOP/s | adapter ms, torch.mm | GFLOP/s | adapter ms, thin.mm | "
+          "GFLOP/s | adapter ÷ base time, torch.mm / thin.mm (÷ FLOPs) | thin.mm: shrink, expand, dS, dB, dA, dX ms |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['group']} | {1e3 * r['base_s']:.2f} | {r['base_gflops']:.0f} | {1e3 * r['adapter_s']:.2f} | "
-              f"{r['adapter_gflops']:.0f} | {r['adapter_s'] / r['base_s']:.3f} ({r['flop_share']:.3f}) | "
-              + ", ".join(f"{1e3 * v:.2f}" for v in r["parts"].values()) + " |")
-    base, adapter = sum(r["base_s"] for r in rows), sum(r["adapter_s"] for r in rows)
-    line = (f"\nLayer: adapter GEMMs {1e3 * adapter:.2f} ms against base GEMMs {1e3 * base:.2f} ms: "
-            f"{adapter / base:.3f} of their time")
-    if args.base_share:
-        line += (f"; with the base GEMMs {args.base_share:.0%} of the floor's step, the adapter's products at "
-                 f"these rates would cost {1 + args.base_share * adapter / base:.3f} × the floor")
-    print(line + ".")
+        a = r["adapter_s"]
+        print(f"| {r['group']} | {1e3 * r['base_s']:.2f} | {gf(r['base_flops'], r['base_s'])} | {1e3 * a['torch']:.2f} | "
+              f"{gf(r['adapter_flops'], a['torch'])} | {1e3 * a['thin']:.2f} | {gf(r['adapter_flops'], a['thin'])} | "
+              f"{a['torch'] / r['base_s']:.3f} / {a['thin'] / r['base_s']:.3f} ({r['flop_share']:.3f}) | "
+              + ", ".join(f"{1e3 * v:.2f}" for v in r["parts"]["thin"].values()) + " |")
+    base = sum(r["base_s"] for r in rows)
+    print()
+    for lib in ("torch", "thin"):
+        adapter = sum(r["adapter_s"][lib] for r in rows)
+        line = (f"Layer, adapter products with {lib}.mm: {1e3 * adapter:.2f} ms against base GEMMs {1e3 * base:.2f} ms: "
+                f"{adapter / base:.3f} of their time")
+        if args.base_share:
+            line += (f"; with the base GEMMs {args.base_share:.0%} of the floor's step, the adapter's products at "
+                     f"these rates would cost {1 + args.base_share * adapter / base:.3f} × the floor")
+        print(line + ".")
+    base_onednn, flops = sum(r["base_onednn_s"] for r in rows), sum(r["base_flops"] for r in rows)
+    print(f"The base GEMMs themselves through thin.mm: {1e3 * base_onednn:.2f} ms ({gf(flops, base_onednn)} GFLOP/s) "
+          f"against torch.mm's {1e3 * base:.2f} ms ({gf(flops, base)} GFLOP/s).")
     return 0
 
 

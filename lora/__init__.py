@@ -8,13 +8,15 @@ from .core.config import LLAMA_TARGETS, LoRAConfig
 from .errors import LoRAError
 from .core.inject import apply_lora, disable_adapter, lora_layers, merge_lora, trainable_parameters
 from .core.layer import LoRALinear
+from .core.thin import get_thin_gemm, set_thin_gemm
 from .merging.streaming import merge_checkpoint
 from .quant import NF4Weight, quantize_nf4
 
 __all__ = [
     "LoRAConfig", "LoRALinear", "LoRAError", "LLAMA_TARGETS", "apply_lora", "merge_lora",
     "disable_adapter", "lora_layers", "trainable_parameters", "save_adapter", "load_adapter",
-    "set_backend", "get_backend", "set_recompute_inputs", "get_recompute_inputs", "merge_checkpoint",
+    "set_backend", "get_backend", "set_recompute_inputs", "get_recompute_inputs", "set_thin_gemm",
+    "get_thin_gemm", "merge_checkpoint",
     "NF4Weight", "quantize_nf4",
 ]
 __version__ = "0.1.0"

@@ -77,12 +77,14 @@ def test_thin_gemms_counts_the_adapters_flops(capsys):
     import thin_gemms
     row = thin_gemms.measure("q/k/v", 40, [40, 8, 8], M=12, r=3, rounds=1)
     assert row["flop_share"] == 6 * 12 * 3 * (3 * 40 + 56) / (4 * 12 * 40 * 56)
-    assert set(row["parts"]) == {"shrink", "expand", "dS", "dB", "dA", "dX"}
+    assert set(row["parts"]) == {"torch", "thin"}
+    assert all(set(parts) == {"shrink", "expand", "dS", "dB", "dA", "dX"} for parts in row["parts"].values())
     assert thin_gemms.main(["--tokens", "8", "--rounds", "1", "--base-share", "0.5"]) == 0
     out = capsys.readouterr().out
     assert [line.split(" | ")[0] for line in out.splitlines() if line.startswith("| ") and "ms" not in line
             and "---" not in line] == ["| q/k/v", "| o", "| gate/up", "| down"]
-    assert "of their time" in out and "would cost" in out
+    assert out.count("would cost") == 2 and "adapter products with torch.mm" in out and "with thin.mm" in out
+    assert "The base GEMMs themselves through thin.mm" in out
 
 
 def test_table_shows_mfu_on_a_gpu():

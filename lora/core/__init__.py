@@ -7,6 +7,7 @@
     dropout.py    dropout by the indices of the dropped elements, regenerated from a seed
     group.py      q/k/v and gate/up found to read one input, so they share one shrink
     recompute.py  a LoRA input rebuilt in backward from tensors autograd keeps anyway
+    thin.py       the adapter's thin products on the CPU: oneDNN's fp32 matmul where present
     backend.py    which op a forward runs: the plain op, the Triton kernels (lora.kernels), graph-safe
     delta.py      the merged weight W + Σ w·s·B A, rounded once
     inject.py     find the target projections of a model and swap in LoRALinear

@@ -47,6 +47,7 @@ from ..quant.nf4 import NF4Weight, blockwise_scale
 from ..runtime.seed import new_seed
 from .dropout import compact, drop_
 from .op import expand, input_recipe, recomputed_input, shrink
+from .thin import mm
 
 _BLOCK_ELEMS = 1 << 20      # elements of W per row block when it is converted (4 MB of fp32)
 
@@ -157,8 +158,8 @@ class DoRAFunction(torch.autograd.Function):
         need_x, _, _, need_A, need_B, need_m = ctx.needs_input_grad[:6]
         dY2 = dY.reshape(-1, dY.shape[-1])                               # (M, out)
         dz = dY2 * g                                                     # (M, out)
-        dS = torch.mm(dz, B).mul_(s)                                     # (M, r)
-        dB = torch.mm(dz.t(), S) if need_B else None                     # (out, r): S saved as s·S
+        dS = mm(dz, B).mul_(s)                                           # (M, r)
+        dB = mm(S.t(), dz).t() if need_B else None                       # (Sᵀ dz)ᵀ (out, r): S saved as s·S
         dm = None
         if need_m:
             if p > 0 or ctx.keep_z:                                      # Σ_rows(dY ⊙ z) / n
@@ -176,11 +177,11 @@ class DoRAFunction(torch.autograd.Function):
         if need_A:
             if ctx.recipe:
                 xd = recomputed_input(ctx.recipe, ctx.x_shape, ctx.x_dtype, dropped)
-            dA = torch.mm(dS.t(), xd)                                    # (r, in)
+            dA = mm(dS.t(), xd)                                          # (r, in)
         dX = None
         if need_x:
             Wd = dense(W, dY2.dtype)
-            dX = torch.mm(dS, A)                                         # dS A  (M, in)
+            dX = mm(dS, A)                                               # dS A  (M, in)
             if p == 0:
                 dX.addmm_(dz, Wd)                                        # + dz W
             else:

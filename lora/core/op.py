@@ -48,21 +48,22 @@ from ..quant.linear import dense
 from ..runtime.seed import new_seed
 from .dropout import compact, drop, drop_, dropped_positions
 from .recompute import product_recipe, recompute, split_product
+from .thin import addmm, mm
 
 
 def shrink(x2: torch.Tensor, lora_A: torch.Tensor, p: float, seed: int):
     """(S, dropped, xd): S = dropout(x2) Aᵀ (M, r); the flat indices of the dropped elements (None when
     p = 0); xd = x2 with them zeroed, not rescaled (x2 itself when p = 0), which is what dA needs."""
     if p == 0:
-        return torch.mm(x2, lora_A.t()), None, x2
+        return mm(x2, lora_A.t()), None, x2
     dropped = dropped_positions(x2.numel(), p, seed, x2.device)
     xd = drop(x2, dropped)
-    return torch.mm(xd, lora_A.t()).mul_(1 / (1 - p)), dropped, xd
+    return mm(xd, lora_A.t()).mul_(1 / (1 - p)), dropped, xd
 
 
 def expand(S: torch.Tensor, lora_B: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """b + S Bᵀ (M, out), a fresh tensor for the base GEMM to accumulate onto (S already scaled)."""
-    return torch.mm(S, lora_B.t()) if bias is None else torch.addmm(bias, S, lora_B.t())
+    return addmm(bias, S, lora_B.t())
 
 
 def member_columns(t: torch.Tensor, ranks) -> list[torch.Tensor]:
@@ -107,13 +108,13 @@ class LoRAFunction(torch.autograd.Function):
         Ws = [W if W is not None else q for W, q in zip(rest[:n], ctx.packed_Ws)]
         Bs = rest[n:]
         dY2 = [dY.reshape(-1, W.shape[0]) for dY, W in zip(dYs, Ws)]     # (M, out_i)
-        dSs = [torch.mm(d, B).mul_(s) for d, B, s in zip(dY2, Bs, scalings)]    # (M, r_i)
+        dSs = [mm(d, B).mul_(s) for d, B, s in zip(dY2, Bs, scalings)]  # (M, r_i)
         dS = dSs[0] if n == 1 else torch.cat(dSs, dim=1)                 # (M, Σr)
         needs = ctx.needs_input_grad
         need_x = needs[0]
         need_A = any(needs[5 + 2 * n: 5 + 3 * n])
         need_B = needs[5 + 3 * n: 5 + 4 * n]
-        dBs = [torch.mm(S_i.t(), d).t() if need else None                # (S_iᵀ dY_i)ᵀ (out_i, r_i): S_i saved as
+        dBs = [mm(S_i.t(), d).t() if need else None                      # (S_iᵀ dY_i)ᵀ (out_i, r_i): S_i saved as
                for d, S_i, need in zip(dY2, member_columns(S, ranks), need_B)]   # s_i · S_i; BLAS runs dY_iᵀ S_i slower
         if dropped is not None:
             dropped = dropped.long()
@@ -126,11 +127,11 @@ class LoRAFunction(torch.autograd.Function):
             else:
                 if ctx.recipe:                                           # x multiplied again, dropped again
                     xd = recomputed_input(ctx.recipe, ctx.x_shape, ctx.x_dtype, dropped)
-                dA = torch.mm(dS.t(), xd)                                # (Σr, in)
+                dA = mm(dS.t(), xd)                                      # (Σr, in)
             dAs = [dA] if n == 1 else list(dA.split(ranks))              # (r_i, in)
         dX = None
         if need_x:
-            dX = torch.mm(dS, A_cat)                                     # dS A  (M, in)
+            dX = mm(dS, A_cat)                                           # dS A  (M, in)
             if dropped is not None:
                 drop_(dX, dropped)                                       # (dS A) ⊙ mask
             for d, W in zip(dY2, Ws):
@@ -154,7 +155,7 @@ def factored_grad_A(dS, row, full, col, dropped) -> torch.Tensor:
         dS = dS * row                                                    # (M, Σr)
     if dropped is not None:
         full = drop(full, dropped)                                       # a copy: full is autograd's
-    dA = torch.mm(dS.t(), full)                                          # (Σr, in)
+    dA = mm(dS.t(), full)                                                # (Σr, in)
     return dA if col is None else dA.mul_(col)
 
 
