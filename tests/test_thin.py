@@ -108,3 +108,14 @@ def test_the_ops_with_every_product_through_onednn(test, calls, monkeypatch):
     monkeypatch.setattr(thin, "MIN_MACS", 0)
     test()
     assert calls[0] > 0
+
+
+@needs_onednn
+def test_the_first_use_check_is_not_fooled_by_autocast(calls, monkeypatch):
+    """A first product inside a bf16 autocast region: the check still compares fp32 with fp32."""
+    monkeypatch.setattr(thin, "_WORKS", None)
+    g = torch.Generator().manual_seed(6)
+    a, b = torch.randn(700, 300, generator=g), torch.randn(300, 41, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        thin.mm(a, b)
+    assert thin._WORKS is True and calls[0] == 2                     # the check's product, then this one

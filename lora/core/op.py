@@ -15,6 +15,9 @@ Backward with W_i frozen (no dW, no db), in the same order (small term first, ba
     dA   = dSᵀ dropout(x)          (Σr, in), split into the A_i's rows
     dX   = (dS [A_1; …; A_n]) ⊙ mask + Σ_i dY_i W_i      one buffer, every base GEMM accumulated in place
 
+The adapter's products (the shrink, the expand, dS_i, dB_i, dA and dS A) go through lora/core/thin.py
+(oneDNN's fp32 matmul on the CPU, where PyTorch has it); the base GEMMs are torch's own.
+
 With dropout, mask = 0 at the dropped elements and 1/(1 − p) elsewhere (lora/core/dropout.py); the
 1/(1 − p) is applied to S and dS (M × Σr) instead of to x, so dropping is only zeroing the dropped
 elements of a copy. The members share one mask (PEFT draws one per projection; each branch still sees
