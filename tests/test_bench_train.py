@@ -121,3 +121,28 @@ def test_header_gives_the_flop_shares_of_the_llama_preset():
                                                              dropout=0.0, dtype="fp32", steps=1),
                                    model=full, flops=dict(shares, floor_gflops_per_s=100.0), results=[])).splitlines()
     assert lines[1].startswith("model: 6 layers × 1024") and "output head" in lines[1] and "100 GFLOP/s" in lines[1]
+
+
+def test_pool_train_pools_the_rounds_of_runs_with_the_same_settings(tmp_path, capsys):
+    """bench/pool_train.py: per-round ratios of two runs put together (a provider missing from one run
+    pools only the other's rounds); runs with other settings are refused."""
+    import pool_train
+    config = dict(preset="cpu-llama-6x1024", dropout=0.0, steps=3, providers="x", out="x")
+    run = lambda steps, **kw: dict(config=dict(config, **kw), results=[dict(provider=n, steps=s) for n, s in steps.items()])
+    one = run({"floor": [1.0, 2.0, 1.0], "ours": [1.1, 2.1, 1.05], "peft": [1.2, 2.4, 1.1]}, out="a.json")
+    two = run({"floor": [1.0, 1.0, 1.0], "ours": [1.02, 1.03, 1.04]}, out="b.json", providers="floor,ours")
+    files = []
+    for name, r in (("a", one), ("b", two)):
+        files.append(tmp_path / f"{name}.json")
+        files[-1].write_text(json.dumps(r))
+    pooled = pool_train.pooled_ratios([one, two])
+    assert sorted(pooled["ours", "floor"]) == sorted([1.1, 1.05, 1.05, 1.02, 1.03, 1.04])
+    assert len(pooled["peft", "ours"]) == 3 and len(pooled["peft", "floor"]) == 3
+    assert pool_train.main([str(f) for f in files]) == 0
+    out = capsys.readouterr().out
+    assert "ours ÷ floor: 1.045 (1.025–1.075) over 6 rounds" in out and "peft ÷ ours: 1.091 (" in out
+    other = tmp_path / "c.json"
+    other.write_text(json.dumps(run({"floor": [1.0], "ours": [1.1]}, dropout=0.05)))
+    with pytest.raises(SystemExit) as e:
+        pool_train.main([str(files[0]), str(other)])
+    assert e.value.code == 2
