@@ -49,7 +49,7 @@ from ..storage.safetensors_stream import read_checkpoint
 from ..storage.sharded_load import read_elements, read_nf4_blocks, read_rows
 from . import distributed
 from .config import TrainConfig
-from .gathered import RowShardedEmbedding, RowShardedHead
+from .gathered import RowShardedEmbedding, RowShardedHead, row_range
 
 
 def sharded(cfg: TrainConfig) -> bool:
@@ -104,8 +104,7 @@ def load_sharded_base_with_lora(cfg: TrainConfig, device: Device, dtype: torch.d
     quantized = {m: name for name, m in model.named_modules() if isinstance(m, ShardedNF4Weight)}
     base = {name: p for name, p in model.named_parameters() if not p.requires_grad}
     local = lambda p: p if id(p) in gathered else p.to_local()
-    first = lambda p: (gathered[id(p)].first_row if id(p) in gathered       # torch.chunk's split, as FSDP2's
-                       else min(rank * -(-p.shape[0] // world), p.shape[0]))
+    first = lambda p: gathered[id(p)].first_row if id(p) in gathered else row_range(p.shape[0])[0]
     dense = {name: (first(p), local(p)) for name, p in base.items()
              if name.rpartition(".")[0] not in quantized.values()}
     with torch.no_grad():

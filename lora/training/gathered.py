@@ -22,9 +22,11 @@ import torch.nn.functional as F
 from . import distributed
 
 
-def row_range(n_rows: int) -> tuple[int, int]:
-    """This rank's rows [first, end) of an n_rows tensor split as torch.chunk splits it."""
-    rank, world, _ = distributed.world()
+def row_range(n_rows: int, rank: int | None = None, world: int | None = None) -> tuple[int, int]:
+    """Rank `rank`'s rows [first, end) of an n_rows tensor split over `world` ranks as torch.chunk
+    splits it (FSDP2's split); this process's rank and world by default."""
+    if rank is None or world is None:
+        rank, world, _ = distributed.world()
     chunk = -(-n_rows // world)
     first = min(rank * chunk, n_rows)
     return first, min(first + chunk, n_rows)
@@ -35,10 +37,9 @@ def gather_rows(shard: torch.Tensor, n_rows: int) -> torch.Tensor:
     slot of one buffer (no second copy)."""
     import torch.distributed as dist
     world, rank = dist.get_world_size(), dist.get_rank()
-    chunk = -(-n_rows // world)
     whole = torch.empty(n_rows, *shard.shape[1:], dtype=shard.dtype, device=shard.device)
     for r in range(world):
-        first, end = min(r * chunk, n_rows), min((r + 1) * chunk, n_rows)
+        first, end = row_range(n_rows, r, world)
         if end > first:
             slot = whole[first:end]                          # rows of a contiguous tensor: contiguous
             if r == rank:
